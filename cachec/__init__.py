@@ -1,0 +1,13 @@
+"""cachec: a torch.compile backend that makes diffusion transformers reuse work across steps.
+
+    pipe.transformer = torch.compile(pipe.transformer, backend="cachec",
+                                     options={"Fn_compute_blocks": 1, "residual_diff_threshold": 0.24})
+    print(cachec.summary(pipe.transformer))
+"""
+from .backend import CachecWarning, cachec_backend, refresh, summary
+from .options import BackendOptions, DBCacheConfig, parse_options
+from .runtime.summary import CacheSummary
+
+__all__ = ["cachec_backend", "summary", "refresh", "DBCacheConfig", "BackendOptions", "parse_options",
+           "CacheSummary", "CachecWarning"]
+__version__ = "0.1.0"

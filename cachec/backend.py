@@ -1,0 +1,166 @@
+"""The dynamo entry point: options -> passes -> runtime.
+
+``torch.compile(model, backend="cachec", options={...})`` resolves through the
+``torch_dynamo_backends`` entry point to ``cachec_backend``.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+from torch._dynamo.backends.registry import lookup_backend
+from torch._guards import TracingContext, detect_fake_mode, tracing
+
+from .options import BackendOptions, parse_options
+from .passes import NoBlockChain, plan_graph
+from .passes.split import Segment, SplitPlan
+from .runtime import CachedGraph, ModelState, summarize
+from .runtime.summary import CacheSummary
+
+_STATE_ATTR = "_cachec_state"
+
+
+class CachecWarning(UserWarning):
+    """cachec could not cache part of the model and compiled it plainly."""
+
+
+def _compile_wrapper():
+    """The ``_TorchCompileWrapper`` that ``torch.compile`` made for this call, if any."""
+    f = sys._getframe(2)
+    while f is not None:
+        owner = f.f_locals.get("self")
+        if isinstance(owner, torch._TorchCompileWrapper):
+            return owner
+        f = f.f_back
+    return None
+
+
+def _traced_module() -> Optional[torch.nn.Module]:
+    """The module whose forward dynamo is tracing, if it is one."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        tx = InstructionTranslator.current_tx()
+    except Exception:
+        return None
+    if tx is None:
+        return None
+    mod = tx.f_locals.get("self")
+    return mod if isinstance(mod, torch.nn.Module) else None
+
+
+def _graph_break_reason() -> Optional[str]:
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        reason = InstructionTranslator.current_tx().output.compile_subgraph_reason
+    except Exception:
+        return None
+    if reason is None or not getattr(reason, "graph_break", False):
+        return None
+    where = ""
+    if reason.user_stack:
+        fr = reason.user_stack[-1]
+        where = f" at {fr.filename}:{fr.lineno}"
+    return f"{reason.reason}{where}"
+
+
+def _model_state(opts: BackendOptions, module: Optional[torch.nn.Module]) -> ModelState:
+    """One state per torch.compile call, shared by the graphs of that call's model."""
+    holder = _compile_wrapper() or module
+    state = getattr(holder, "__dict__", {}).get(_STATE_ATTR) if holder is not None else None
+    if state is None or state.config != opts.cache_config:
+        state = ModelState(opts.cache_config)
+        if holder is not None:
+            holder.__dict__[_STATE_ATTR] = state
+    if module is not None:
+        module.__dict__[_STATE_ATTR] = state   # so cachec.summary(original module) finds it
+    return state
+
+
+def _check_whole(chain, module: Optional[torch.nn.Module]) -> None:
+    if module is None:
+        return
+    for lp in chain.loops:
+        try:
+            container = module.get_submodule(lp.container)
+        except AttributeError:
+            continue
+        same = [i for i, m in enumerate(container) if type(m) is lp.cls]
+        have = [b.index for b in lp.blocks]
+        if have != same:
+            raise NoBlockChain(f"this graph holds blocks {have[0]}-{have[-1]} of the {len(same)} "
+                               f"{lp.cls.__name__} blocks in '{lp.container}': the loop is split across graphs")
+
+
+def _segment_compiler(opts: BackendOptions, plan: SplitPlan, fake_mode) -> Callable[[Segment], Callable]:
+    inner = None if opts.inner_backend == "eager" else lookup_backend(opts.inner_backend)
+
+    def compile_segment(seg: Segment) -> Callable:
+        sub = plan.submodule(seg)
+        if inner is None:
+            return sub
+        # a fresh tracing context per segment: inductor records per-graph metadata there
+        with tracing(TracingContext(fake_mode)):
+            return inner(sub, plan.example_inputs(seg))
+    return compile_segment
+
+
+def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optional[dict] = None) -> Callable:
+    """Dynamo backend: rewrite the block chain of ``gm`` into a cached graph."""
+    opts = parse_options(options)
+    module = _traced_module()
+    state = _model_state(opts, module)
+    cfg = opts.cache_config
+    try:
+        inputs, chain, plan = plan_graph(gm, cfg.Fn_compute_blocks, cfg.Bn_compute_blocks)
+        _check_whole(chain, module)
+    except NoBlockChain as why:
+        brk = _graph_break_reason()
+        msg = f"cachec: no cacheable block chain in this graph ({why}); compiled plainly with '{opts.inner_backend}'."
+        if brk:
+            msg += (f" Dynamo split the forward here: {brk}. To keep the blocks in one graph, compile with "
+                    f"fullgraph=True to see the break as an error; a 'Dynamic shape operator' break "
+                    f"(torch.nonzero) goes away with torch._dynamo.config.capture_dynamic_output_shape_ops = True "
+                    f"set before the first call; a break on .numpy()/.cpu() or data-dependent Python needs a code change.")
+        if opts.strict:
+            raise ValueError(msg + " (strict=True)") from None
+        if "plain" not in state.warned:
+            state.warned.add("plain")
+            warnings.warn(msg, CachecWarning, stacklevel=2)
+        return gm.forward if opts.inner_backend == "eager" else lookup_backend(opts.inner_backend)(gm, example_inputs)
+    state.chain_info = {
+        "blocks": chain.names,
+        "segments": [f"{s.kind}[{len(s.blocks)}]" if s.blocks else s.kind for s in plan.segments],
+    }
+    fake_mode = detect_fake_mode(example_inputs) or TracingContext.get().fake_mode
+    timesteps = {i: inputs.name(i) for i in inputs.timestep_candidates}
+    return CachedGraph(plan, _segment_compiler(opts, plan, fake_mode), state, timesteps, inputs.user_inputs)
+
+
+def _find_state(model: Any) -> ModelState:
+    seen = set()
+    todo = [model]
+    while todo:
+        obj = todo.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        state = getattr(obj, "__dict__", {}).get(_STATE_ATTR)
+        if state is not None:
+            return state
+        todo += [getattr(obj, a, None) for a in ("_torchdynamo_orig_backend", "_torchdynamo_orig_callable",
+                                                 "dynamo_ctx", "callback", "_orig_mod")]
+    raise ValueError(f"{type(model).__name__} has no cachec state: pass what torch.compile(..., backend='cachec') "
+                     f"returned (or its original module) after calling it at least once")
+
+
+def summary(model: Any) -> CacheSummary:
+    """What the last generation computed and cached. Accepts the compiled or the original module."""
+    return summarize(_find_state(model))
+
+
+def refresh(model: Any, num_inference_steps: Optional[int] = None) -> None:
+    """Start a new generation on the next call, optionally with a new step count."""
+    _find_state(model).refresh(num_inference_steps)

@@ -1,0 +1,30 @@
+"""FX passes: find the chain of transformer blocks and cut the graph around it.
+
+The passes run in this order (see ``plan_graph``):
+
+1. ``find_graph_inputs``   latent input, timestep candidates, module state
+2. ``find_block_loops``    runs of same-class items of one ModuleList
+3. ``find_block_chain``    the loops the latent tokens flow through, with the
+                           tensors each block carries and the stretches where
+                           their shapes stay the same
+4. ``split_chain``         prologue | Fn | middle | Bn | epilogue segments,
+                           with the residual pairing of each gated segment
+"""
+from .inputs import GraphInputs, find_graph_inputs
+from .loops import Block, BlockLoop, find_block_loops
+from .chain import BlockChain, find_block_chain, NoBlockChain
+from .split import Segment, SplitPlan, split_chain
+
+__all__ = [
+    "GraphInputs", "find_graph_inputs", "Block", "BlockLoop", "find_block_loops",
+    "BlockChain", "find_block_chain", "NoBlockChain", "Segment", "SplitPlan", "split_chain",
+    "plan_graph",
+]
+
+
+def plan_graph(gm, Fn: int, Bn: int):
+    """Run the passes in order; raise ``NoBlockChain`` when the graph has no chain."""
+    inputs = find_graph_inputs(gm)
+    loops = find_block_loops(gm)
+    chain = find_block_chain(gm, loops, inputs)
+    return inputs, chain, split_chain(gm, chain, Fn, Bn)

@@ -1,0 +1,79 @@
+"""Classify the placeholders of a dynamo graph."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+_SIN_COS = {torch.sin, torch.cos, torch.ops.aten.sin.default, torch.ops.aten.cos.default}
+
+
+def example_value(node: fx.Node):
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def input_name(node: fx.Node) -> str:
+    """``l_kwargs_hidden_states_`` -> ``hidden_states`` (the name the user passed)."""
+    name = re.sub(r"^l_", "", node.name).rstrip("_")
+    return re.sub(r"^(kwargs|args)_", "", name)
+
+
+def is_module_state(node: fx.Node) -> bool:
+    """Parameters and buffers that dynamo lifted to placeholders."""
+    return node.name.startswith("l_self_") or isinstance(example_value(node), torch.nn.Parameter)
+
+
+@dataclass
+class GraphInputs:
+    placeholders: list[fx.Node]
+    user_inputs: list[int] = field(default_factory=list)    # placeholder indices of user tensors
+    latent: int | None = None                                 # placeholder index of the latent tokens
+    timestep_candidates: list[int] = field(default_factory=list)
+
+    def name(self, index: int) -> str:
+        return input_name(self.placeholders[index])
+
+
+def _feeds_sinusoid(node: fx.Node, limit: int = 400) -> bool:
+    seen, todo = set(), [node]
+    while todo and len(seen) < limit:
+        n = todo.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            if u.target in _SIN_COS or (u.op == "call_method" and u.target in ("sin", "cos")):
+                return True
+            seen.add(u)
+            todo.append(u)
+    return False
+
+
+def find_graph_inputs(gm: fx.GraphModule) -> GraphInputs:
+    """Find the latent input and the timestep candidates among the placeholders.
+
+    Guarantees: ``latent`` is the placeholder named ``hidden_states`` if there is
+    one, else the first user tensor of rank >= 2. ``timestep_candidates`` are the
+    1-D float user inputs that feed a sin/cos (the sinusoidal embedding); a
+    ``guidance`` input matches too, the runtime tells them apart by which one
+    changes from step to step.
+    """
+    ph = list(gm.graph.find_nodes(op="placeholder"))
+    gi = GraphInputs(ph)
+    for i, n in enumerate(ph):
+        v = example_value(n)
+        if isinstance(v, torch.Tensor) and not is_module_state(n):
+            gi.user_inputs.append(i)
+    by_name = {gi.name(i): i for i in gi.user_inputs}
+    if "hidden_states" in by_name:
+        gi.latent = by_name["hidden_states"]
+    else:
+        gi.latent = next((i for i in gi.user_inputs if example_value(ph[i]).dim() >= 2), None)
+    for i in gi.user_inputs:
+        v = example_value(ph[i])
+        if v.dim() <= 1 and v.is_floating_point() and _feeds_sinusoid(ph[i]):
+            gi.timestep_candidates.append(i)
+    # a name that says "time" goes first; the runtime switches if another one moves instead
+    gi.timestep_candidates.sort(key=lambda i: "time" not in gi.name(i) and "sigma" not in gi.name(i))
+    return gi

@@ -1,0 +1,149 @@
+"""The rewritten graph at run time: compiled segments with a gate between them.
+
+The gate decision stays in Python between compiled segments: no dynamo guard
+depends on it, so computed and cached steps never recompile (DESIGN.md s. 2).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..passes.split import Segment, SplitPlan
+from .policy import DBCachePolicy
+from .state import BranchState, ModelState
+
+
+def relative_l1(prev: torch.Tensor, cur: torch.Tensor) -> float:
+    """mean|prev - cur| / mean|prev|, in fp32."""
+    if prev.is_cuda:
+        from ..kernels import relative_l1 as fused   # one pass over both tensors
+        return float(fused(prev, cur))
+    prev, cur = prev.float(), cur.float()
+    return float((prev - cur).abs().mean() / prev.abs().mean())
+
+
+class _Call:
+    """What the segments of one transformer call share."""
+
+    step: int = 0
+    branch_index: int = 0
+    branch: BranchState
+
+
+class FnGate(torch.nn.Module):
+    """Runs the first-blocks segment, then decides whether the middle computes."""
+
+    def __init__(self, run: Callable, hidden_in: int, hidden_out: int, call: _Call,
+                 policy: DBCachePolicy, state: ModelState):
+        super().__init__()
+        self.run, self.hidden_in, self.hidden_out = run, hidden_in, hidden_out
+        self.call, self.policy, self.state = call, policy, state
+
+    def forward(self, *args):
+        outs = self.run(*args)
+        call, b = self.call, self.call.branch
+        residual = outs[self.hidden_out] - args[self.hidden_in]
+        diff_cache: list = []
+
+        def diff() -> Optional[float]:
+            if not diff_cache:
+                diff_cache.append(self._diff(b, residual))
+            return diff_cache[0]
+
+        compute, reason = self.policy.compute(b, call.step, diff)
+        b.computing = compute
+        b.reasons[call.step] = reason
+        if compute:
+            b.prev_residual = residual
+            b.continuous_cached = 0
+            b.computed_steps.append(call.step)
+        else:
+            b.continuous_cached += 1
+            b.cached_steps.append(call.step)
+        return outs
+
+    def _diff(self, b: BranchState, residual: torch.Tensor) -> Optional[float]:
+        cfg, call = self.state.config, self.call
+        if call.branch_index == 1 and not cfg.cfg_diff_compute_separate:
+            other = self.state.branches.get(0)
+            if other is not None and call.step in other.residual_diffs:
+                d = other.residual_diffs[call.step]
+                b.residual_diffs[call.step] = d
+                return d
+        if b.prev_residual is None or b.prev_residual.shape != residual.shape:
+            return None
+        d = relative_l1(b.prev_residual, residual)
+        b.residual_diffs[call.step] = d
+        if d > 0:
+            b.accumulated_diff += d
+        return d
+
+
+class CachedSegment(torch.nn.Module):
+    """A middle segment: computes and stores its residuals, or reuses them."""
+
+    def __init__(self, run: Callable, index: int, residual_of: list, call: _Call):
+        super().__init__()
+        self.run, self.index, self.residual_of, self.call = run, index, residual_of, call
+
+    def forward(self, *args):
+        b = self.call.branch
+        if b.computing:
+            outs = self.run(*args)
+            b.caches[self.index] = [o if j is None else o - args[j] for o, j in zip(outs, self.residual_of)]
+            b.has_cache = True
+            return outs
+        cache = b.caches[self.index]
+        return tuple(c if j is None else args[j] + c for c, j in zip(cache, self.residual_of))
+
+
+class Plain(torch.nn.Module):
+    def __init__(self, run: Callable):
+        super().__init__()
+        self.run = run
+
+    def forward(self, *args):
+        return self.run(*args)
+
+
+class CachedGraph:
+    """The callable the backend returns to dynamo for a graph with a block chain."""
+
+    def __init__(self, plan: SplitPlan, compile_segment: Callable[[Segment], Callable],
+                 state: ModelState, timestep_inputs: dict[int, str], shape_inputs: list[int]):
+        self.plan, self.state = plan, state
+        self.timestep_inputs, self.timestep_names = list(timestep_inputs), list(timestep_inputs.values())
+        self.shape_inputs = shape_inputs
+        self.timestep_choice = 0
+        self.prev_t: list = []
+        self.call = _Call()
+        policy = DBCachePolicy(state.config)
+        for k, seg in enumerate(plan.segments):
+            run = compile_segment(seg)
+            if k == plan.gate_segment:
+                mod = FnGate(run, plan.gate_hidden_in, plan.gate_hidden_out, self.call, policy, state)
+            elif seg.kind == "mid":
+                mod = CachedSegment(run, k, seg.residual_of, self.call)
+            else:
+                mod = Plain(run)
+            setattr(plan.parent, seg.module_name, mod)
+
+    def _timestep(self, args) -> Optional[float]:
+        if not self.timestep_inputs:
+            return None
+        ts = [float(args[i].reshape(-1)[0]) for i in self.timestep_inputs]
+        if self.prev_t and ts[self.timestep_choice] == self.prev_t[self.timestep_choice]:
+            moved = [k for k, (a, b) in enumerate(zip(ts, self.prev_t)) if a != b]
+            if moved:   # the input we took for the timestep is a constant (guidance): switch
+                self.timestep_choice = moved[0]
+                self.state.last_t = self.prev_t[moved[0]]
+        self.prev_t = ts
+        self.state.timestep_input = self.timestep_names[self.timestep_choice]
+        return ts[self.timestep_choice]
+
+    def __call__(self, *args):
+        t = self._timestep(args)
+        shape_key = (id(self),) + tuple(tuple(args[i].shape) for i in self.shape_inputs)
+        self.call.step, self.call.branch_index, self.call.branch = self.state.begin_call(t, shape_key)
+        return self.plan.parent(*args)

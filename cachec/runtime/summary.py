@@ -1,0 +1,80 @@
+"""What was computed and cached in the last generation, and why."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .state import ModelState
+
+
+@dataclass
+class BranchSummary:
+    computed_steps: list[int]
+    cached_steps: list[int]
+    residual_diffs: dict[int, float]
+    reasons: dict[int, str]
+
+
+@dataclass
+class CacheSummary:
+    """Returned by ``cachec.summary``. Step lists are 0-based step indices.
+
+    ``steps`` counts the denoising steps of the last generation and ``calls`` the
+    transformer calls (twice as many with separate CFG). The top-level step
+    lists are those of the first branch (cond, or the only one); ``branches``
+    has every branch by name.
+    """
+
+    blocks: list[str]
+    Fn: int
+    Bn: int
+    steps: int
+    calls: int
+    computed_steps: list[int]
+    cached_steps: list[int]
+    residual_diffs: dict[int, float]
+    branches: dict[str, BranchSummary] = field(default_factory=dict)
+    timestep_input: Optional[str] = None
+    generation: int = 0
+    segments: list[str] = field(default_factory=list)
+    config: str = ""
+
+    def __str__(self) -> str:
+        lines = [f"cachec: {len(self.blocks)} chained blocks, Fn={self.Fn} Bn={self.Bn} ({self.config}); "
+                 f"timestep input: {self.timestep_input or 'none found (steps counted by calls)'}",
+                 f"segments: {' | '.join(self.segments)}",
+                 f"generation {self.generation}: {self.steps} steps, {self.calls} calls"]
+        if not self.branches:
+            return "\n".join(lines + ["no call yet"])
+        for name, b in self.branches.items():
+            total = len(b.computed_steps) + len(b.cached_steps)
+            lines.append(f"  {name}: computed {len(b.computed_steps)}/{total}, cached {len(b.cached_steps)}")
+        names = list(self.branches)
+        lines.append("step  " + "  ".join(f"{n:<46}" for n in names))
+        for s in range(self.steps):
+            cells = []
+            for n in names:
+                b = self.branches[n]
+                if s not in b.reasons:
+                    cells.append(f"{'-':<46}")
+                    continue
+                what = "cached " if s in b.cached_steps else "compute"
+                d = b.residual_diffs.get(s)
+                diff = f"{d:.4f}" if d is not None else "  -   "
+                cells.append(f"{what} {diff:>7}  {b.reasons[s]}".ljust(46))
+            lines.append(f"{s:>4}  " + "  ".join(cells))
+        return "\n".join(lines)
+
+
+def summarize(state: ModelState) -> CacheSummary:
+    info = state.chain_info
+    branches = {state.branch_name(i): BranchSummary(list(b.computed_steps), list(b.cached_steps),
+                                                     dict(b.residual_diffs), dict(b.reasons))
+                for i, b in sorted(state.branches.items())}
+    first = next(iter(branches.values()), BranchSummary([], [], {}, {}))
+    return CacheSummary(
+        blocks=list(info.get("blocks", [])), Fn=state.config.Fn_compute_blocks, Bn=state.config.Bn_compute_blocks,
+        steps=state.steps_done(), calls=state.calls, computed_steps=first.computed_steps,
+        cached_steps=first.cached_steps, residual_diffs=first.residual_diffs, branches=branches,
+        timestep_input=state.timestep_input, generation=state.generation,
+        segments=list(info.get("segments", [])), config=state.config.short_name())
