@@ -1,0 +1,93 @@
+"""Option validation: every bad key or value is a ValueError naming key, value and what is allowed."""
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import cachec
+from cachec.options import CACHE_KEYS, parse_options
+
+INT_FIELDS = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 0, "warmup_interval": 1,
+              "max_cached_steps": -1, "max_continuous_cached_steps": -1}
+BOOL_FIELDS = ("cfg_compute_first", "cfg_diff_compute_separate")
+
+
+def test_defaults_are_documented_values():
+    c = cachec.DBCacheConfig()
+    assert (c.Fn_compute_blocks, c.Bn_compute_blocks, c.residual_diff_threshold, c.max_warmup_steps,
+            c.max_continuous_cached_steps) == (1, 0, 0.24, 4, 3)
+    assert parse_options(None).inner_backend == "inductor"
+
+
+def test_flat_keys_and_cache_config_give_the_same_config():
+    flat = parse_options({"Fn_compute_blocks": 2, "residual_diff_threshold": 0.1})
+    typed = parse_options({"cache_config": cachec.DBCacheConfig(Fn_compute_blocks=2, residual_diff_threshold=0.1)})
+    as_dict = parse_options({"cache_config": {"Fn_compute_blocks": 2, "residual_diff_threshold": 0.1}})
+    assert flat == typed == as_dict
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cachec.DBCacheConfig().Fn_compute_blocks = 3
+
+
+@given(key=st.sampled_from(sorted(INT_FIELDS)), value=st.integers(-50, 50))
+def test_int_fields_reject_values_below_their_minimum(key, value):
+    if value >= INT_FIELDS[key]:
+        assert getattr(cachec.DBCacheConfig(**{key: value}), key) == value
+    else:
+        with pytest.raises(ValueError, match=rf"{key}={value}.*int >= {INT_FIELDS[key]}"):
+            parse_options({key: value})
+
+
+@given(key=st.sampled_from(sorted(INT_FIELDS) + ["num_inference_steps"]),
+       value=st.one_of(st.floats(allow_nan=True), st.text(max_size=3), st.booleans()))
+def test_int_fields_reject_other_types(key, value):
+    with pytest.raises(ValueError, match=key):
+        cachec.DBCacheConfig(**{key: value})
+
+
+@given(value=st.one_of(st.floats(max_value=-1e-9), st.just(float("nan")), st.just(float("inf")), st.text(max_size=2), st.booleans()))
+def test_threshold_must_be_a_finite_non_negative_number(value):
+    with pytest.raises(ValueError, match="residual_diff_threshold="):
+        cachec.DBCacheConfig(residual_diff_threshold=value)
+
+
+@given(key=st.sampled_from(BOOL_FIELDS), value=st.one_of(st.integers(), st.text(max_size=2), st.none()))
+def test_bool_fields_take_only_bools(key, value):
+    with pytest.raises(ValueError, match=rf"{key}=.*True or False"):
+        cachec.DBCacheConfig(**{key: value})
+
+
+@given(key=st.sampled_from(CACHE_KEYS), junk=st.text(alphabet="xyz_", min_size=1, max_size=2))
+def test_misspelled_keys_get_a_did_you_mean(key, junk):
+    bad = key + junk
+    with pytest.raises(ValueError, match=rf"unknown option '{bad}'; did you mean '{key}'"):
+        parse_options({bad: 1})
+
+
+def test_unknown_and_planned_keys():
+    with pytest.raises(ValueError, match=r"unknown option 'zzz' \(allowed:"):
+        parse_options({"zzz": 1})
+    with pytest.raises(ValueError, match="'enable_taylorseer' is not supported yet"):
+        parse_options({"enable_taylorseer": True})
+    with pytest.raises(ValueError, match=r"inner_backend='tvm'.*\('inductor', 'aot_eager', 'eager'\)"):
+        parse_options({"inner_backend": "tvm"})
+
+
+def test_contradictory_settings():
+    with pytest.raises(ValueError, match="max_warmup_steps=8 .* num_inference_steps=8"):
+        cachec.DBCacheConfig(max_warmup_steps=8, num_inference_steps=8)
+    with pytest.raises(ValueError, match="cfg_compute_first=True contradicts enable_separate_cfg=False"):
+        cachec.DBCacheConfig(enable_separate_cfg=False, cfg_compute_first=True)
+    with pytest.raises(ValueError, match="either flat or inside cache_config"):
+        parse_options({"cache_config": cachec.DBCacheConfig(), "Fn_compute_blocks": 2})
+    with pytest.raises(ValueError, match="max_accumulated_residual_diff_threshold=0"):
+        cachec.DBCacheConfig(max_accumulated_residual_diff_threshold=0)
+
+
+def test_bad_option_surfaces_on_first_call_of_torch_compile():
+    compiled = torch.compile(torch.nn.Linear(2, 2), backend="cachec", options={"Fn_compute_block": 1})
+    with pytest.raises(Exception, match="did you mean 'Fn_compute_blocks'"):
+        compiled(torch.randn(1, 2))

@@ -1,0 +1,131 @@
+"""DBCache decisions and outputs on a toy model whose outputs are known exactly."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import cachec
+from toy import ToyDiT, expected_output, relative_l1
+
+SHAPE = (1, 3, 8)
+
+
+def compile_toy(n_blocks=4, **options):
+    torch._dynamo.reset()   # hypothesis examples share one test call: stay under the recompile limit
+    model = ToyDiT(n_blocks)
+    return model, torch.compile(model, backend="cachec", options={"inner_backend": "eager", **options})
+
+
+def falling(n, hi=1.0, lo=0.05):
+    return torch.linspace(hi, lo, n).tolist()
+
+
+def run_generation(compiled, ts, x, *, branches=1):
+    outs = []
+    with torch.no_grad():
+        for t in ts:
+            outs.append([compiled(x[b], torch.tensor([t]))[0] for b in range(branches)])
+    return outs
+
+
+def reference_schedule(model, ts, cfg):
+    """cache-dit's DBCache rules restated as one loop over the steps (Fn diff of the toy)."""
+    temb = lambda s: model.temb(torch.tensor([s]))
+    warm = set(range(0, cfg.get("max_warmup_steps", 4), cfg.get("warmup_interval", 1)))
+    thr = cfg.get("residual_diff_threshold", 0.24)
+    max_cached, max_cont = cfg.get("max_cached_steps", -1), cfg.get("max_continuous_cached_steps", 3)
+    acc_thr = cfg.get("max_accumulated_residual_diff_threshold")
+    computed, last, cont, acc = [], None, 0, 0.0
+    for s, t in enumerate(ts):
+        n_cached = s - len(computed)
+        if s in warm or last is None or 0 <= max_cached <= n_cached or 0 <= max_cont <= cont \
+                or (acc_thr is not None and acc >= acc_thr) or thr <= 0:
+            compute = True
+        elif thr >= 1:
+            compute = False
+        else:
+            d = relative_l1(temb(ts[last]), temb(t))
+            acc += d
+            compute = d >= thr
+        if compute:
+            computed.append(s)
+            last, cont = s, 0
+        else:
+            cont += 1
+    return computed
+
+
+def check_outputs(model, outs, ts, x, computed, Fn=1, Bn=0, branch=0):
+    last = None
+    for s, t in enumerate(ts):
+        cached = s not in computed
+        last = last if cached else t
+        want = expected_output(model, x[branch], t, last, Fn, Bn, cached)
+        torch.testing.assert_close(outs[s][branch], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg, n, computed", [
+    # worked out by hand: threshold >= 1 caches every step nothing else forces to compute
+    ({"max_warmup_steps": 2, "max_continuous_cached_steps": 2}, 10, [0, 1, 4, 7]),
+    ({"max_warmup_steps": 3, "warmup_interval": 2, "max_continuous_cached_steps": -1}, 10, [0, 2]),
+    ({"max_warmup_steps": 1, "max_cached_steps": 3, "max_continuous_cached_steps": -1}, 8, [0, 4, 5, 6, 7]),
+    ({"max_warmup_steps": 0, "max_continuous_cached_steps": 1}, 6, [0, 2, 4]),
+])
+def test_hand_worked_schedules(cfg, n, computed):
+    model, compiled = compile_toy(**cfg, residual_diff_threshold=1.0)
+    ts, x = falling(n), [torch.randn(SHAPE)]
+    outs = run_generation(compiled, ts, x)
+    s = cachec.summary(compiled)
+    assert s.computed_steps == computed
+    assert s.cached_steps == [i for i in range(n) if i not in computed]
+    check_outputs(model, outs, ts, x, computed)
+
+
+def test_threshold_zero_computes_every_step_and_matches_eager():
+    model, compiled = compile_toy(residual_diff_threshold=0.0, max_warmup_steps=1)
+    ts, x = falling(6), [torch.randn(SHAPE)]
+    outs = run_generation(compiled, ts, x)
+    assert cachec.summary(compiled).computed_steps == list(range(6))
+    with torch.no_grad():
+        for s, t in enumerate(ts):
+            torch.testing.assert_close(outs[s][0], model(x[0], torch.tensor([t]))[0], rtol=0, atol=0)
+
+
+def test_diffs_are_relative_l1_of_the_fn_residual():
+    model, compiled = compile_toy(residual_diff_threshold=0.5, max_warmup_steps=1, max_continuous_cached_steps=-1)
+    ts, x = falling(5), [torch.randn(SHAPE)]
+    run_generation(compiled, ts, x)
+    s = cachec.summary(compiled)
+    temb = lambda v: model.temb(torch.tensor([v]))
+    last = 0
+    for step in range(1, 5):
+        assert s.residual_diffs[step] == pytest.approx(relative_l1(temb(ts[last]), temb(ts[step])), rel=1e-5)
+        if step in s.computed_steps:
+            last = step
+
+
+configs = st.fixed_dictionaries({
+    "max_warmup_steps": st.integers(0, 4),
+    "warmup_interval": st.integers(1, 3),
+    "max_cached_steps": st.integers(-1, 5),
+    "max_continuous_cached_steps": st.integers(-1, 3),
+    "residual_diff_threshold": st.sampled_from([0.0, 0.05, 0.15, 0.3, 0.6, 1.0]),
+    "max_accumulated_residual_diff_threshold": st.sampled_from([None, 0.2, 1.0]),
+})
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=configs, n=st.integers(2, 12), Fn=st.integers(1, 2), Bn=st.integers(0, 1),
+       rising=st.booleans(), branches=st.sampled_from([1, 2]))
+def test_schedule_matches_reference_every_generation(cfg, n, Fn, Bn, rising, branches):
+    """Three generations in a row: each follows the reference schedule, per CFG branch."""
+    model, compiled = compile_toy(5, **cfg, Fn_compute_blocks=Fn, Bn_compute_blocks=Bn)
+    ts = falling(n)[::-1] if rising else falling(n)
+    want = reference_schedule(model, ts, cfg)
+    for gen in range(3):
+        x = [torch.randn(SHAPE) for _ in range(branches)]
+        outs = run_generation(compiled, ts, x, branches=branches)
+        s = cachec.summary(compiled)
+        assert s.generation == gen and s.steps == n and s.calls == n * branches
+        for b, name in enumerate(s.branches):
+            assert s.branches[name].computed_steps == want, (gen, name)
+            check_outputs(model, outs, ts, x, want, Fn, Bn, branch=b)

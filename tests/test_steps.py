@@ -1,0 +1,129 @@
+"""Step, generation and CFG bookkeeping: boundaries, branches, isolation, recompiles."""
+import pytest
+import torch
+
+import cachec
+from test_schedule import SHAPE, compile_toy, falling, run_generation
+
+OPTS = dict(residual_diff_threshold=1.0, max_warmup_steps=2, max_continuous_cached_steps=2)
+WANT = [0, 1, 4, 7]   # 10 steps with OPTS, worked out by hand
+
+
+def test_num_inference_steps_splits_a_schedule_that_keeps_falling():
+    """Without the step count, [1.0 .. 0.55] then [0.5 .. 0.05] would read as one generation."""
+    _, compiled = compile_toy(**OPTS, num_inference_steps=10)
+    ts = falling(20)
+    run_generation(compiled, ts[:10], [torch.randn(SHAPE)])
+    run_generation(compiled, ts[10:], [torch.randn(SHAPE)])
+    s = cachec.summary(compiled)
+    assert (s.generation, s.steps, s.computed_steps) == (1, 10, WANT)
+
+
+def test_without_step_count_a_monotone_schedule_is_one_generation():
+    _, compiled = compile_toy(**OPTS)
+    ts = falling(20)
+    run_generation(compiled, ts[:10], [torch.randn(SHAPE)])
+    run_generation(compiled, ts[10:], [torch.randn(SHAPE)])
+    assert (cachec.summary(compiled).generation, cachec.summary(compiled).steps) == (0, 20)
+
+
+def test_refresh_starts_a_generation_and_sets_the_step_count():
+    _, compiled = compile_toy(**OPTS)
+    ts = falling(20)
+    run_generation(compiled, ts[:10], [torch.randn(SHAPE)])
+    cachec.refresh(compiled, num_inference_steps=10)
+    run_generation(compiled, ts[10:], [torch.randn(SHAPE)])
+    s = cachec.summary(compiled)
+    assert (s.generation, s.steps, s.computed_steps) == (1, 10, WANT)
+    with pytest.raises(ValueError, match="num_inference_steps=0"):
+        cachec.refresh(compiled, num_inference_steps=0)
+
+
+def test_shape_change_starts_a_generation():
+    _, compiled = compile_toy(**OPTS)
+    ts = falling(20)
+    run_generation(compiled, ts[:10], [torch.randn(SHAPE)])
+    run_generation(compiled, ts[10:], [torch.randn(1, 5, 8)])
+    s = cachec.summary(compiled)
+    assert (s.generation, s.steps, s.computed_steps) == (1, 10, WANT)
+
+
+@pytest.mark.parametrize("first, names", [(False, ["cond", "uncond"]), (True, ["uncond", "cond"])])
+def test_separate_cfg_branches_are_independent_and_keep_their_roles(first, names):
+    """Each branch decides as if it ran alone; the call order within a step names the roles."""
+    opts = dict(OPTS, residual_diff_threshold=0.2, max_continuous_cached_steps=-1, cfg_compute_first=first)
+    ts = falling(10)
+    xs = [torch.randn(SHAPE), 50 * torch.randn(SHAPE)]
+    solo = []
+    for b in range(2):
+        _, c = compile_toy(**opts)
+        run_generation(c, ts, [xs[b]])
+        solo.append(cachec.summary(c).computed_steps)
+    _, compiled = compile_toy(**opts)
+    for _ in range(2):
+        run_generation(compiled, ts, xs, branches=2)
+        s = cachec.summary(compiled)
+        assert list(s.branches) == names
+        assert [s.branches[n].computed_steps for n in names] == solo
+
+
+def test_cfg_diff_shared_from_the_first_branch():
+    opts = dict(OPTS, residual_diff_threshold=0.2, max_continuous_cached_steps=-1, cfg_diff_compute_separate=False)
+    _, compiled = compile_toy(**opts)
+    run_generation(compiled, falling(10), [torch.randn(SHAPE), torch.randn(SHAPE)], branches=2)
+    s = cachec.summary(compiled)
+    assert s.branches["uncond"].residual_diffs == s.branches["cond"].residual_diffs
+    assert s.branches["uncond"].computed_steps == s.branches["cond"].computed_steps
+
+
+def test_two_compiled_models_never_share_state():
+    ts = falling(10)
+    _, a = compile_toy(**OPTS)
+    _, b = compile_toy(**dict(OPTS, max_continuous_cached_steps=-1))
+    with torch.no_grad():
+        for t in ts:
+            a(torch.randn(SHAPE), torch.tensor([t]))
+            b(torch.randn(SHAPE), torch.tensor([t]))
+    assert cachec.summary(a).computed_steps == WANT
+    assert cachec.summary(b).computed_steps == [0, 1]
+
+
+def test_summary_accepts_the_original_module_and_prints_a_table():
+    model, compiled = compile_toy(**OPTS)
+    run_generation(compiled, falling(10), [torch.randn(SHAPE)])
+    s = cachec.summary(model)
+    assert s.computed_steps == WANT and s.blocks == [f"blocks.{i}" for i in range(4)]
+    assert s.timestep_input == "timestep"
+    text = str(s)
+    assert "computed 4/10" in text and "warmup" in text and "max_continuous_cached_steps" in text
+    with pytest.raises(ValueError, match="no cachec state"):
+        cachec.summary(torch.nn.Linear(2, 2))
+
+
+def test_no_recompiles_across_cached_steps_and_generations():
+    _, compiled = compile_toy(**OPTS)
+    ts = falling(10)
+    run_generation(compiled, ts[:1], [torch.randn(SHAPE)])
+    with torch.compiler.set_stance("fail_on_recompile"):
+        run_generation(compiled, ts[1:], [torch.randn(SHAPE)])
+        run_generation(compiled, ts, [torch.randn(SHAPE)])
+    assert cachec.summary(compiled).computed_steps == WANT
+
+
+def test_fn_plus_bn_covering_the_chain_names_the_block_count():
+    _, compiled = compile_toy(Fn_compute_blocks=3, Bn_compute_blocks=1)
+    with pytest.raises(Exception, match="has 4 chained blocks"):
+        compiled(torch.randn(SHAPE), torch.tensor([1.0]))
+
+
+def test_graph_without_block_loop_compiles_plainly_with_one_warning():
+    mod = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
+    compiled = torch.compile(mod, backend="cachec", options={"inner_backend": "eager"})
+    x = torch.randn(2, 8)
+    with pytest.warns(cachec.CachecWarning, match="no cacheable block chain"):
+        out = compiled(x)
+    torch.testing.assert_close(out, mod(x))
+    strict = torch.compile(torch.nn.Sequential(torch.nn.Linear(8, 8)), backend="cachec",
+                           options={"inner_backend": "eager", "strict": True})
+    with pytest.raises(Exception, match="strict=True"):
+        strict(x)
