@@ -15,7 +15,7 @@ from torch._dynamo.backends.registry import lookup_backend
 from torch._guards import TracingContext, detect_fake_mode, tracing
 
 from .options import BackendOptions, parse_options
-from .passes import NoBlockChain, plan_graph
+from .passes import NoBlockChain, find_graph_inputs, plan_graph
 from .passes.split import Segment, SplitPlan
 from .runtime import CachedGraph, ModelState, summarize
 from .runtime.summary import CacheSummary
@@ -52,6 +52,7 @@ def _traced_module() -> Optional[torch.nn.Module]:
 
 
 def _graph_break_reason() -> Optional[str]:
+    """Why dynamo ended the graph it hands us now, if a graph break ended it."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
         reason = InstructionTranslator.current_tx().output.compile_subgraph_reason
@@ -59,11 +60,13 @@ def _graph_break_reason() -> Optional[str]:
         return None
     if reason is None or not getattr(reason, "graph_break", False):
         return None
-    where = ""
+    lines = [ln.strip() for ln in str(reason.reason).splitlines() if ln.strip()]
+    ctx = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Developer debug context:")), "")
+    text = (lines[0] if lines else "graph break") + (f" ({ctx})" if ctx else "")
     if reason.user_stack:
-        fr = reason.user_stack[-1]
-        where = f" at {fr.filename}:{fr.lineno}"
-    return f"{reason.reason}{where}"
+        frame = reason.user_stack[-1]
+        text += f" at {frame.filename}:{frame.lineno}"
+    return text
 
 
 def _model_state(opts: BackendOptions, module: Optional[torch.nn.Module]) -> ModelState:
@@ -107,32 +110,62 @@ def _segment_compiler(opts: BackendOptions, plan: SplitPlan, fake_mode) -> Calla
     return compile_segment
 
 
+def _plain_graph(plain: Callable, gm: fx.GraphModule, state: ModelState, why: str, inner: str) -> Callable:
+    """Run a graph without a chain: warn once per model, and report the timestep if it is here.
+
+    The warning waits until a graph break of this model is known or the first
+    plain graph runs again (a new forward): the graph that a break ended may
+    compile after the first graph of the forward already ran. After a break the blocks may sit in
+    a graph whose inputs no longer include the timestep (an earlier graph
+    embedded it); this graph then passes it on.
+    """
+    inputs = find_graph_inputs(gm)
+    t_index = inputs.timestep_candidates[0] if inputs.timestep_candidates else None
+    t_name = inputs.name(t_index) if t_index is not None else ""
+    def run(*args):
+        first = state.first_plain_graph
+        if first is None:
+            state.first_plain_graph = run
+        if "plain" not in state.warned and (state.graph_breaks or first is run):
+            state.warned.add("plain")
+            warnings.warn(_plain_message(why, inner, state.graph_breaks[:3]), CachecWarning, stacklevel=2)
+        if t_index is not None:
+            state.observed_t = (float(args[t_index].reshape(-1)[0]), t_name)
+        return plain(*args)
+    return run
+
+
+def _plain_message(why: str, inner: str, breaks: list[str]) -> str:
+    msg = f"cachec: no cacheable block chain in this graph ({why}); compiled plainly with '{inner}', without caching."
+    if breaks:
+        msg += (f" Dynamo split the model into several graphs; the graph breaks it reported: {'; '.join(breaks)}."
+                f" To keep the blocks in one graph: compile with fullgraph=True to see the break as an error;"
+                f" a 'Dynamic shape operator' break (torch.nonzero) goes away with"
+                f" torch._dynamo.config.capture_dynamic_output_shape_ops = True set before the first call;"
+                f" a break on .numpy()/.cpu()/.tolist() or data-dependent Python needs a change to the model code.")
+    return msg
+
+
 def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optional[dict] = None) -> Callable:
     """Dynamo backend: rewrite the block chain of ``gm`` into a cached graph."""
     opts = parse_options(options)
     module = _traced_module()
     state = _model_state(opts, module)
     cfg = opts.cache_config
+    brk = _graph_break_reason()
+    if brk and brk not in state.graph_breaks:
+        state.graph_breaks.append(brk)
     try:
         inputs, chain, plan = plan_graph(gm, cfg.Fn_compute_blocks, cfg.Bn_compute_blocks)
         _check_whole(chain, module)
     except NoBlockChain as why:
-        brk = _graph_break_reason()
-        msg = f"cachec: no cacheable block chain in this graph ({why}); compiled plainly with '{opts.inner_backend}'."
-        if brk:
-            msg += (f" Dynamo split the forward here: {brk}. To keep the blocks in one graph, compile with "
-                    f"fullgraph=True to see the break as an error; a 'Dynamic shape operator' break "
-                    f"(torch.nonzero) goes away with torch._dynamo.config.capture_dynamic_output_shape_ops = True "
-                    f"set before the first call; a break on .numpy()/.cpu() or data-dependent Python needs a code change.")
         if opts.strict:
-            raise ValueError(msg + " (strict=True)") from None
-        if "plain" not in state.warned:
-            state.warned.add("plain")
-            warnings.warn(msg, CachecWarning, stacklevel=2)
-        return gm.forward if opts.inner_backend == "eager" else lookup_backend(opts.inner_backend)(gm, example_inputs)
+            raise ValueError(f"cachec: no cacheable block chain in this graph ({why}) (strict=True)") from None
+        plain = gm.forward if opts.inner_backend == "eager" else lookup_backend(opts.inner_backend)(gm, example_inputs)
+        return _plain_graph(plain, gm, state, str(why), opts.inner_backend)
     state.chain_info = {
         "blocks": chain.names,
-        "segments": [f"{s.kind}[{len(s.blocks)}]" if s.blocks else s.kind for s in plan.segments],
+        "segments": [(s.kind, list(s.blocks)) for s in plan.segments],
     }
     fake_mode = detect_fake_mode(example_inputs) or TracingContext.get().fake_mode
     timesteps = {i: inputs.name(i) for i in inputs.timestep_candidates}

@@ -131,7 +131,11 @@ class CachedGraph:
 
     def _timestep(self, args) -> Optional[float]:
         if not self.timestep_inputs:
-            return None
+            seen, self.state.observed_t = self.state.observed_t, None
+            if seen is None:
+                return None
+            self.state.timestep_input = f"{seen[1]} (seen in an earlier graph)"
+            return seen[0]
         ts = [float(args[i].reshape(-1)[0]) for i in self.timestep_inputs]
         if self.prev_t and ts[self.timestep_choice] == self.prev_t[self.timestep_choice]:
             moved = [k for k, (a, b) in enumerate(zip(ts, self.prev_t)) if a != b]

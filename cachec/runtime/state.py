@@ -52,6 +52,9 @@ class ModelState:
         self.timestep_input: Optional[str] = None
         self.chain_info: dict = {}
         self.warned: set[str] = set()
+        self.observed_t: Optional[tuple[float, str]] = None   # from a plain graph earlier in the call
+        self.first_plain_graph = None   # the first graph without a chain that ran
+        self.graph_breaks: list[str] = []   # why dynamo split this model's forward, as it said
         self._refresh = False
         self._start(None)
 

@@ -36,13 +36,13 @@ class CacheSummary:
     branches: dict[str, BranchSummary] = field(default_factory=dict)
     timestep_input: Optional[str] = None
     generation: int = 0
-    segments: list[str] = field(default_factory=list)
+    segments: list[tuple[str, list[str]]] = field(default_factory=list)   # (kind, block names)
     config: str = ""
 
     def __str__(self) -> str:
         lines = [f"cachec: {len(self.blocks)} chained blocks, Fn={self.Fn} Bn={self.Bn} ({self.config}); "
                  f"timestep input: {self.timestep_input or 'none found (steps counted by calls)'}",
-                 f"segments: {' | '.join(self.segments)}",
+                 "segments: " + " | ".join(f"{k}[{len(b)}]" if b else k for k, b in self.segments),
                  f"generation {self.generation}: {self.steps} steps, {self.calls} calls"]
         if not self.branches:
             return "\n".join(lines + ["no call yet"])
