@@ -127,3 +127,15 @@ def test_graph_without_block_loop_compiles_plainly_with_one_warning():
                            options={"inner_backend": "eager", "strict": True})
     with pytest.raises(Exception, match="strict=True"):
         strict(x)
+
+
+def test_new_resolutions_and_dynamic_shape_graphs_start_fresh_generations():
+    """The third shape makes dynamo compile a symbolic-shape graph; each shape is its own generation."""
+    from test_schedule import check_outputs
+    model, compiled = compile_toy(**OPTS)
+    ts = falling(10)
+    for tokens in (3, 5, 7, 5):
+        x = [torch.randn(1, tokens, 8)]
+        outs = run_generation(compiled, ts, x)
+        assert cachec.summary(compiled).computed_steps == WANT
+        check_outputs(model, outs, ts, x, WANT)
