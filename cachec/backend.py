@@ -38,26 +38,26 @@ def _compile_wrapper():
     return None
 
 
+def _tracing_frame():
+    """dynamo's translator for the frame whose graph we are handed (None outside dynamo)."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+    try:
+        return InstructionTranslator.current_tx()
+    except (AttributeError, IndexError):
+        return None
+
+
 def _traced_module() -> Optional[torch.nn.Module]:
     """The module whose forward dynamo is tracing, if it is one."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-        tx = InstructionTranslator.current_tx()
-    except Exception:
-        return None
-    if tx is None:
-        return None
-    mod = tx.f_locals.get("self")
+    tx = _tracing_frame()
+    mod = tx.f_locals.get("self") if tx is not None else None
     return mod if isinstance(mod, torch.nn.Module) else None
 
 
 def _graph_break_reason() -> Optional[str]:
     """Why dynamo ended the graph it hands us now, if a graph break ended it."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-        reason = InstructionTranslator.current_tx().output.compile_subgraph_reason
-    except Exception:
-        return None
+    tx = _tracing_frame()
+    reason = getattr(getattr(tx, "output", None), "compile_subgraph_reason", None)
     if reason is None or not getattr(reason, "graph_break", False):
         return None
     lines = [ln.strip() for ln in str(reason.reason).splitlines() if ln.strip()]
@@ -115,13 +115,14 @@ def _plain_graph(plain: Callable, gm: fx.GraphModule, state: ModelState, why: st
 
     The warning waits until a graph break of this model is known or the first
     plain graph runs again (a new forward): the graph that a break ended may
-    compile after the first graph of the forward already ran. After a break the blocks may sit in
-    a graph whose inputs no longer include the timestep (an earlier graph
-    embedded it); this graph then passes it on.
+    compile after the first graph of the forward already ran. After a break
+    the blocks may sit in a graph whose inputs no longer include the timestep
+    (an earlier graph embedded it); this graph then passes it on.
     """
     inputs = find_graph_inputs(gm)
     t_index = inputs.timestep_candidates[0] if inputs.timestep_candidates else None
     t_name = inputs.name(t_index) if t_index is not None else ""
+
     def run(*args):
         first = state.first_plain_graph
         if first is None:
