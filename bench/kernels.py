@@ -13,6 +13,7 @@ Bytes moved count each tensor read or written once; the copy baseline moves
 from __future__ import annotations
 
 import argparse
+import os
 import importlib
 import statistics
 import sys
@@ -144,7 +145,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--reps", type=int, default=None, help="timed calls per cell (median reported)")
-    ap.add_argument("--png", default="bench/kernels.png", help="plot path (needs matplotlib)")
+    ap.add_argument("--png", default="out/kernels.png", help="plot path (needs matplotlib)")
     args = ap.parse_args()
 
     device, dtype = args.device, getattr(torch, args.dtype)
@@ -235,6 +236,7 @@ def main() -> None:
     ax.set_title(f"cachec.kernels on {name}")
     ax.legend(fontsize=7)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(args.png) or ".", exist_ok=True)
     fig.savefig(args.png, dpi=120)
     print(f"PNG saved to {args.png}")
 
