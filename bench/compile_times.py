@@ -3,8 +3,10 @@
     python bench/compile_times.py [--inner inductor] [--models flux sd3 ...]
 
 Each time is the first call (dynamo trace + backend + inner compile) after
-torch._dynamo.reset(); inductor's on-disk caches stay as they are, so run it
-twice to see warm numbers.
+torch._dynamo.reset(). Inductor's on-disk caches stay as they are: for cold
+numbers run each system alone with a fresh TORCHINDUCTOR_CACHE_DIR
+(--only plain, --only cachec), since the second system reuses kernels the
+first one compiled.
 """
 from __future__ import annotations
 
@@ -37,18 +39,22 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager", "eager"])
     ap.add_argument("--models", nargs="*", default=MODEL_NAMES)
+    ap.add_argument("--only", choices=["plain", "cachec"], help="time one system only")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rows = []
     for name in tqdm(args.models, desc="models"):
         case = build(name)
-        plain = first_call(case.model, case, args.inner)
-        cached = first_call(case.model, case, "cachec", {"inner_backend": args.inner})
+        nan = float("nan")
+        plain = first_call(case.model, case, args.inner) if args.only != "cachec" else nan
+        cached = first_call(case.model, case, "cachec", {"inner_backend": args.inner}) if args.only != "plain" else nan
         try:
+            if args.only == "plain":
+                raise ValueError("not compiled with cachec")
             s = cachec.summary(case.model)
             chain = f"{len(s.blocks)} blocks, " + " | ".join(f"{k}[{len(b)}]" if b else k for k, b in s.segments)
         except ValueError:
-            chain = "no chain (compiled plainly)"
+            chain = "no chain (compiled plainly)" if args.only != "plain" else "-"
         rows.append((name, plain, cached, chain))
     print(f"\nfirst-call time, inner backend {args.inner}, {torch.get_num_threads()} threads")
     print(f"{'model':<14}{'plain s':>9}{'cachec s':>10}  chain")
