@@ -16,7 +16,8 @@ from torch._guards import TracingContext, detect_fake_mode, tracing
 
 from .options import BackendOptions, parse_options
 from .passes import NoBlockChain, find_graph_inputs, plan_graph
-from .passes.split import Segment, SplitPlan
+from .kernels.relative_l1 import relative_l1_reference
+from .passes.split import SplitPlan
 from .runtime import CachedGraph, ModelState, summarize
 from .runtime.summary import CacheSummary
 
@@ -97,17 +98,33 @@ def _check_whole(chain, module: Optional[torch.nn.Module]) -> None:
                                f"{lp.cls.__name__} blocks in '{lp.container}': the loop is split across graphs")
 
 
-def _segment_compiler(opts: BackendOptions, plan: SplitPlan, fake_mode) -> Callable[[Segment], Callable]:
+def _inner_compiler(opts: BackendOptions, fake_mode) -> Callable[[fx.GraphModule, list], Callable]:
     inner = None if opts.inner_backend == "eager" else lookup_backend(opts.inner_backend)
 
-    def compile_segment(seg: Segment) -> Callable:
-        sub = plan.submodule(seg)
+    def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
         if inner is None:
-            return sub
-        # a fresh tracing context per segment: inductor records per-graph metadata there
+            return gm
+        # a fresh tracing context per graph: inductor records per-graph metadata there
         with tracing(TracingContext(fake_mode)):
-            return inner(sub, plan.example_inputs(seg))
-    return compile_segment
+            return inner(gm, example_inputs)
+    return compile_graph
+
+
+def _relative_l1_graph(prev, cur):
+    return (relative_l1_reference(prev, cur),)
+
+
+def _diff_function(compile_graph: Callable, plan: SplitPlan) -> Callable:
+    """The gate's relative L1, compiled for the hidden residual's shape.
+
+    Measured on CPU (bench/kernels.py, 1024 x 3072 bf16): the eager reference
+    takes 22.6 ms, inductor's compiled one 0.35 ms. On CUDA the gate calls the
+    fused Triton op instead.
+    """
+    seg = plan.segments[plan.gate_segment]
+    hidden = plan.example_values[seg.output_names[plan.gate_hidden_out]]
+    compiled = compile_graph(fx.symbolic_trace(_relative_l1_graph), [hidden, hidden])
+    return lambda prev, cur: compiled(prev, cur)[0]
 
 
 def _plain_graph(plain: Callable, gm: fx.GraphModule, state: ModelState, why: str, inner: str) -> Callable:
@@ -169,8 +186,10 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
         "segments": [(s.kind, list(s.blocks)) for s in plan.segments],
     }
     fake_mode = detect_fake_mode(example_inputs) or TracingContext.get().fake_mode
+    compile_graph = _inner_compiler(opts, fake_mode)
+    segments = [compile_graph(plan.submodule(seg), plan.example_inputs(seg)) for seg in plan.segments]
     timesteps = {i: inputs.name(i) for i in inputs.timestep_candidates}
-    return CachedGraph(plan, _segment_compiler(opts, plan, fake_mode), state, timesteps, inputs.user_inputs)
+    return CachedGraph(plan, segments, _diff_function(compile_graph, plan), state, timesteps, inputs.user_inputs)
 
 
 def _find_state(model: Any) -> ModelState:

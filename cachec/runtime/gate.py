@@ -9,13 +9,13 @@ from typing import Callable, Optional
 
 import torch
 
-from ..passes.split import Segment, SplitPlan
+from ..passes.split import SplitPlan
 from .policy import DBCachePolicy
 from .state import BranchState, ModelState
 
 
 def relative_l1(prev: torch.Tensor, cur: torch.Tensor) -> float:
-    """mean|prev - cur| / mean|prev| in fp32: one fused pass on CUDA, the torch reference elsewhere."""
+    """mean|prev - cur| / mean|prev| in fp32: the fused Triton op on CUDA, the torch reference elsewhere."""
     from ..kernels import relative_l1 as op   # imported late: it imports triton
     return float(op(prev, cur))
 
@@ -32,9 +32,9 @@ class FnGate(torch.nn.Module):
     """Runs the first-blocks segment, then decides whether the middle computes."""
 
     def __init__(self, run: Callable, hidden_in: int, hidden_out: int, call: _Call,
-                 policy: DBCachePolicy, state: ModelState):
+                 policy: DBCachePolicy, state: ModelState, diff: Callable):
         super().__init__()
-        self.run, self.hidden_in, self.hidden_out = run, hidden_in, hidden_out
+        self.run, self.hidden_in, self.hidden_out, self.relative_l1 = run, hidden_in, hidden_out, diff
         self.call, self.policy, self.state = call, policy, state
 
     def forward(self, *args):
@@ -70,7 +70,7 @@ class FnGate(torch.nn.Module):
                 return d
         if b.prev_residual is None or b.prev_residual.shape != residual.shape:
             return None
-        d = relative_l1(b.prev_residual, residual)
+        d = relative_l1(b.prev_residual, residual) if residual.is_cuda else float(self.relative_l1(b.prev_residual, residual))
         b.residual_diffs[call.step] = d
         if d > 0:
             b.accumulated_diff += d
@@ -107,7 +107,7 @@ class Plain(torch.nn.Module):
 class CachedGraph:
     """The callable the backend returns to dynamo for a graph with a block chain."""
 
-    def __init__(self, plan: SplitPlan, compile_segment: Callable[[Segment], Callable],
+    def __init__(self, plan: SplitPlan, segments: list[Callable], diff: Callable,
                  state: ModelState, timestep_inputs: dict[int, str], shape_inputs: list[int]):
         self.plan, self.state = plan, state
         self.timestep_inputs, self.timestep_names = list(timestep_inputs), list(timestep_inputs.values())
@@ -116,10 +116,9 @@ class CachedGraph:
         self.prev_t: list = []
         self.call = _Call()
         policy = DBCachePolicy(state.config)
-        for k, seg in enumerate(plan.segments):
-            run = compile_segment(seg)
+        for k, (seg, run) in enumerate(zip(plan.segments, segments)):
             if k == plan.gate_segment:
-                mod = FnGate(run, plan.gate_hidden_in, plan.gate_hidden_out, self.call, policy, state)
+                mod = FnGate(run, plan.gate_hidden_in, plan.gate_hidden_out, self.call, policy, state, diff)
             elif seg.kind == "mid":
                 mod = CachedSegment(run, k, seg.residual_of, self.call)
             else:
