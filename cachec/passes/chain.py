@@ -35,23 +35,14 @@ def _shape(n: fx.Node):
     return tuple(example_value(n).shape)
 
 
-def _descendants(start: fx.Node) -> set[fx.Node]:
+def _reachable(start: fx.Node, step) -> set[fx.Node]:
+    """``start`` and every node reached by repeatedly following ``step(node)``."""
     seen, todo = {start}, [start]
     while todo:
-        for u in todo.pop().users:
-            if u not in seen:
-                seen.add(u)
-                todo.append(u)
-    return seen
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, todo = {node}, [node]
-    while todo:
-        for a in todo.pop().all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
+        for n in step(todo.pop()):
+            if n not in seen:
+                seen.add(n)
+                todo.append(n)
     return seen
 
 
@@ -82,8 +73,8 @@ def find_block_chain(gm: fx.GraphModule, loops: list[BlockLoop], inputs: GraphIn
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     latent = inputs.placeholders[inputs.latent]
-    from_latent = _descendants(latent)
-    to_output = _ancestors(next(iter(gm.graph.find_nodes(op="output"))))
+    from_latent = _reachable(latent, lambda n: n.users)
+    to_output = _reachable(next(iter(gm.graph.find_nodes(op="output"))), lambda n: n.all_input_nodes)
     chained = [lp for lp in loops
                if any(n in from_latent for n in nodes[lp.blocks[0].first:lp.blocks[0].last + 1])
                and any(n in to_output for n in nodes[lp.blocks[-1].first:lp.blocks[-1].last + 1])]
