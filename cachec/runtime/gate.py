@@ -41,14 +41,7 @@ class FnGate(torch.nn.Module):
         outs = self.run(*args)
         call, b = self.call, self.call.branch
         residual = outs[self.hidden_out] - args[self.hidden_in]
-        diff_cache: list = []
-
-        def diff() -> Optional[float]:
-            if not diff_cache:
-                diff_cache.append(self._diff(b, residual))
-            return diff_cache[0]
-
-        compute, reason = self.policy.compute(b, call.step, diff)
+        compute, reason = self.policy.compute(b, call.step, lambda: self._diff(b, residual))
         b.computing = compute
         b.reasons[call.step] = reason
         if compute:
@@ -61,17 +54,19 @@ class FnGate(torch.nn.Module):
         return outs
 
     def _diff(self, b: BranchState, residual: torch.Tensor) -> Optional[float]:
-        cfg, call = self.state.config, self.call
-        if call.branch_index == 1 and not cfg.cfg_diff_compute_separate:
-            other = self.state.branches.get(0)
-            if other is not None and call.step in other.residual_diffs:
-                d = other.residual_diffs[call.step]
-                b.residual_diffs[call.step] = d
-                return d
-        if b.prev_residual is None or b.prev_residual.shape != residual.shape:
+        """Measure (or, for the second CFG branch, maybe borrow) this step's diff and record it."""
+        step = self.call.step
+        first = self.state.branches.get(0)
+        if (self.call.branch_index == 1 and not self.state.config.cfg_diff_compute_separate
+                and first is not None and step in first.residual_diffs):
+            d = first.residual_diffs[step]
+        elif b.prev_residual is None or b.prev_residual.shape != residual.shape:
             return None
-        d = relative_l1(b.prev_residual, residual) if residual.is_cuda else float(self.relative_l1(b.prev_residual, residual))
-        b.residual_diffs[call.step] = d
+        elif residual.is_cuda:
+            d = relative_l1(b.prev_residual, residual)
+        else:
+            d = float(self.relative_l1(b.prev_residual, residual))
+        b.residual_diffs[step] = d
         if d > 0:
             b.accumulated_diff += d
         return d
