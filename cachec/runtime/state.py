@@ -5,7 +5,7 @@ and is shared by the graphs dynamo hands that call's backend.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -70,11 +70,8 @@ class ModelState:
 
     def refresh(self, num_inference_steps: Optional[int] = None) -> None:
         if num_inference_steps is not None:
-            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-                raise ValueError(f"num_inference_steps={num_inference_steps!r} is invalid: expected an int >= 1")
-            if self.config.max_warmup_steps >= num_inference_steps:
-                raise ValueError(f"num_inference_steps={num_inference_steps} is invalid with max_warmup_steps="
-                                 f"{self.config.max_warmup_steps}: nothing could be cached")
+            # validated by the config's own rules
+            replace(self.config, num_inference_steps=num_inference_steps)
             self.num_inference_steps = num_inference_steps
         self._refresh = True
 
