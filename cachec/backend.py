@@ -114,7 +114,7 @@ def _relative_l1_graph(prev, cur):
     return (relative_l1_reference(prev, cur),)
 
 
-def _diff_function(compile_graph: Callable, plan: SplitPlan) -> Callable:
+def _diff_function(compile_graph: Callable, plan: SplitPlan, fake_mode) -> Callable:
     """The gate's relative L1, compiled for the hidden residual's shape.
 
     Measured on CPU (bench/kernels.py, 1024 x 3072 bf16): the eager reference
@@ -123,7 +123,9 @@ def _diff_function(compile_graph: Callable, plan: SplitPlan) -> Callable:
     """
     seg = plan.segments[plan.gate_segment]
     hidden = plan.example_values[seg.output_names[plan.gate_hidden_out]]
-    compiled = compile_graph(fx.symbolic_trace(_relative_l1_graph), [hidden, hidden])
+    with fake_mode:   # the gate hands it contiguous residuals
+        residual = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    compiled = compile_graph(fx.symbolic_trace(_relative_l1_graph), [residual, residual])
     return lambda prev, cur: compiled(prev, cur)[0]
 
 
@@ -189,7 +191,7 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
     compile_graph = _inner_compiler(opts, fake_mode)
     segments = [compile_graph(plan.submodule(seg), plan.example_inputs(seg)) for seg in plan.segments]
     timesteps = {i: inputs.name(i) for i in inputs.timestep_candidates}
-    return CachedGraph(plan, segments, _diff_function(compile_graph, plan), state, timesteps, inputs.user_inputs)
+    return CachedGraph(plan, segments, _diff_function(compile_graph, plan, fake_mode), state, timesteps, inputs.user_inputs)
 
 
 def _find_state(model: Any) -> ModelState:

@@ -23,15 +23,15 @@ def compile_case(case, **options):
     return torch.compile(case.model, backend="cachec", options={"inner_backend": "eager", **options})
 
 
-def denoise(model, case, ts, *, branches=("cond",), seed=0):
+def denoise(model, case, ts, *, branches=("cond",), seed=0, batch=1):
     """Euler loop; one call per branch per step. Returns the model outputs per step and branch."""
-    x = case.inputs(ts[0], seed=seed)[case.latent_key]
+    x = case.inputs(ts[0], seed=seed, batch=batch)[case.latent_key]
     outs = []
     with torch.no_grad():
         for i, t in enumerate(ts):
             step = {}
             for b in branches:
-                step[b] = case.latent_of(model(**case.with_latent(case.inputs(t, branch=b), x)))
+                step[b] = case.latent_of(model(**case.with_latent(case.inputs(t, branch=b, batch=batch), x)))
             outs.append(step)
             dt = (ts[i + 1] if i + 1 < len(ts) else 0.0) - t
             x = x + dt * step[branches[0]]

@@ -40,7 +40,7 @@ class FnGate(torch.nn.Module):
     def forward(self, *args):
         outs = self.run(*args)
         call, b = self.call, self.call.branch
-        residual = outs[self.hidden_out] - args[self.hidden_in]
+        residual = (outs[self.hidden_out] - args[self.hidden_in]).contiguous()
         compute, reason = self.policy.compute(b, call.step, lambda: self._diff(b, residual))
         b.computing = compute
         b.reasons[call.step] = reason
@@ -73,7 +73,13 @@ class FnGate(torch.nn.Module):
 
 
 class CachedSegment(torch.nn.Module):
-    """A middle segment: computes and stores its residuals, or reuses them."""
+    """A middle segment: computes and stores its residuals, or reuses them.
+
+    A cached output takes the layout (strides) of the computed one: the next
+    compiled segment was compiled for it, and inductor asserts input strides
+    (FLUX's single blocks return the image tokens as a view of the joint
+    sequence, so the batch stride is not the contiguous one).
+    """
 
     def __init__(self, run: Callable, index: int, residual_of: list, call: _Call):
         super().__init__()
@@ -83,11 +89,17 @@ class CachedSegment(torch.nn.Module):
         b = self.call.branch
         if b.computing:
             outs = self.run(*args)
-            b.caches[self.index] = [o if j is None else o - args[j] for o, j in zip(outs, self.residual_of)]
+            b.caches[self.index] = [o if j is None else (o - args[j], o.size(), o.stride())
+                                    for o, j in zip(outs, self.residual_of)]
             b.has_cache = True
             return outs
-        cache = b.caches[self.index]
-        return tuple(c if j is None else args[j] + c for c, j in zip(cache, self.residual_of))
+        return tuple(c if j is None else self._add(args[j], *c)
+                     for c, j in zip(b.caches[self.index], self.residual_of))
+
+    @staticmethod
+    def _add(x: torch.Tensor, residual: torch.Tensor, size, stride) -> torch.Tensor:
+        out = torch.empty_strided(size, stride, dtype=residual.dtype, device=residual.device)
+        return torch.add(x, residual, out=out)
 
 
 class Plain(torch.nn.Module):
