@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import cachec
 from cachec.options import CACHE_KEYS, parse_options

@@ -11,14 +11,11 @@ from torch.fx.passes.split_module import split_module
 from .chain import BlockChain, NoBlockChain
 from .inputs import example_value
 
-# Segment kinds. "mid" segments are the gated ones; "glue" joins two stretches
-# whose carried shapes differ (a concatenation of text and image tokens) and
-# always runs, like the others.
-KINDS = ("prologue", "fn", "glue", "mid", "bn", "epilogue")
-
-
 @dataclass
 class Segment:
+    # prologue, fn, glue, mid, bn or epilogue. Only "mid" segments are gated;
+    # "glue" joins two stretches whose carried shapes differ (text and image
+    # tokens concatenated) and always runs, like the rest.
     kind: str
     blocks: list[str]
     module_name: str = ""                       # submodule name in the split parent
