@@ -142,3 +142,32 @@ def test_new_resolutions_and_dynamic_shape_graphs_start_fresh_generations():
         outs = run_generation(compiled, ts, x)
         assert cachec.summary(compiled).computed_steps == WANT
         check_outputs(model, outs, ts, x, WANT)
+
+
+class GuidedToy(torch.nn.Module):
+    """Two sinusoid-embedded scalars; the constant one (guidance) comes first and has no 'time' in its name."""
+
+    def __init__(self):
+        super().__init__()
+        from toy import AddBlock
+        self.register_buffer("freqs", torch.linspace(1.0, 3.0, 8))
+        self.blocks = torch.nn.ModuleList([AddBlock(float(i + 1)) for i in range(4)])
+
+    def forward(self, hidden_states, guidance, t):
+        temb = torch.sin(t[:, None, None] * self.freqs) + torch.cos(guidance[:, None, None] * self.freqs)
+        h = hidden_states
+        for block in self.blocks:
+            h = block(h, temb)
+        return (h,)
+
+
+def test_a_constant_guidance_input_is_told_apart_from_the_timestep():
+    torch._dynamo.reset()
+    compiled = torch.compile(GuidedToy(), backend="cachec", options={"inner_backend": "eager", **OPTS})
+    g = torch.tensor([3.5])
+    with torch.no_grad():
+        for _ in range(2):   # two falling generations: the second starts when t jumps back up
+            for t in falling(10):
+                compiled(torch.randn(SHAPE), g, torch.tensor([t]))
+    s = cachec.summary(compiled)
+    assert (s.timestep_input, s.generation, s.steps, s.computed_steps) == ("t", 1, 10, WANT)

@@ -14,12 +14,6 @@ from .policy import DBCachePolicy
 from .state import BranchState, ModelState
 
 
-def relative_l1(prev: torch.Tensor, cur: torch.Tensor) -> float:
-    """mean|prev - cur| / mean|prev| in fp32: the fused Triton op on CUDA, the torch reference elsewhere."""
-    from ..kernels import relative_l1 as op   # imported late: it imports triton
-    return float(op(prev, cur))
-
-
 class _Call:
     """What the segments of one transformer call share."""
 
@@ -32,9 +26,9 @@ class FnGate(torch.nn.Module):
     """Runs the first-blocks segment, then decides whether the middle computes."""
 
     def __init__(self, run: Callable, hidden_in: int, hidden_out: int, call: _Call,
-                 policy: DBCachePolicy, state: ModelState, diff: Callable):
+                 policy: DBCachePolicy, state: ModelState, relative_l1: Callable[[torch.Tensor, torch.Tensor], float]):
         super().__init__()
-        self.run, self.hidden_in, self.hidden_out, self.relative_l1 = run, hidden_in, hidden_out, diff
+        self.run, self.hidden_in, self.hidden_out, self.relative_l1 = run, hidden_in, hidden_out, relative_l1
         self.call, self.policy, self.state = call, policy, state
 
     def forward(self, *args):
@@ -62,10 +56,8 @@ class FnGate(torch.nn.Module):
             d = first.residual_diffs[step]
         elif b.prev_residual is None or b.prev_residual.shape != residual.shape:
             return None
-        elif residual.is_cuda:
-            d = relative_l1(b.prev_residual, residual)
         else:
-            d = float(self.relative_l1(b.prev_residual, residual))
+            d = self.relative_l1(b.prev_residual, residual)
         b.residual_diffs[step] = d
         if d > 0:
             b.accumulated_diff += d
@@ -120,6 +112,7 @@ class CachedGraph:
         self.timestep_inputs, self.timestep_names = list(timestep_inputs), list(timestep_inputs.values())
         self.shape_inputs = shape_inputs
         self.timestep_choice = 0
+        self.timestep_settled = len(timestep_inputs) <= 1   # settled: only the chosen input is read
         self.prev_t: list = []
         self.call = _Call()
         policy = DBCachePolicy(state.config)
@@ -139,14 +132,18 @@ class CachedGraph:
                 return None
             self.state.timestep_input = f"{seen[1]} (seen in an earlier graph)"
             return seen[0]
+        self.state.timestep_input = self.timestep_names[self.timestep_choice]
+        if self.timestep_settled:   # one read (one device sync) per call
+            return float(args[self.timestep_inputs[self.timestep_choice]].reshape(-1)[0])
         ts = [float(args[i].reshape(-1)[0]) for i in self.timestep_inputs]
-        if self.prev_t and ts[self.timestep_choice] == self.prev_t[self.timestep_choice]:
-            moved = [k for k, (a, b) in enumerate(zip(ts, self.prev_t)) if a != b]
-            if moved:   # the input we took for the timestep is a constant (guidance): switch
+        moved = [k for k, (a, b) in enumerate(zip(ts, self.prev_t)) if a != b] if self.prev_t else []
+        if moved:
+            if self.timestep_choice not in moved:   # we took a constant (guidance): switch
                 self.timestep_choice = moved[0]
                 self.state.last_t = self.prev_t[moved[0]]
+                self.state.timestep_input = self.timestep_names[moved[0]]
+            self.timestep_settled = True
         self.prev_t = ts
-        self.state.timestep_input = self.timestep_names[self.timestep_choice]
         return ts[self.timestep_choice]
 
     def __call__(self, *args):
