@@ -27,7 +27,7 @@ INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 # vocabulary we accept, so they get a clear "not supported yet" instead of a
 # did-you-mean.
 _PLANNED_KEYS = (
-    "steps_computation_mask", "steps_computation_policy", "enable_taylorseer",
+    "enable_taylorseer",
     "taylorseer_order", "scm_steps_mask_policy", "scm_steps_policy",
     "strategy", "cache_ratio", "warmup", "cooldown",
 )
@@ -77,6 +77,26 @@ def _opt_bool(name, v):
         raise ValueError(f"{name}={v!r} is invalid: expected None (detect), True or False")
 
 
+def _opt_mask(name, v):
+    if v is None:
+        return
+    if isinstance(v, str):
+        raise ValueError(
+            f"{name}={v!r} is not supported yet: named masks (cache-dit's 'slow'/'medium'/'fast'/'ultra') "
+            f"come with the SCM presets; pass an explicit list of 0/1 per step, e.g. [1, 1, 1, 1, 0, 1, 0, 1]")
+    if not isinstance(v, (list, tuple)) or not v or any(not _is_int(m) or m not in (0, 1) for m in v):
+        raise ValueError(f"{name}={v!r} is invalid: expected None or a non-empty list of 0 (cache) / 1 (compute) "
+                         f"per step")
+
+
+def _policy(name, v):
+    if v not in SCM_POLICIES:
+        raise ValueError(f"{name}={v!r} is invalid: expected one of {SCM_POLICIES}")
+
+
+SCM_POLICIES = ("dynamic", "static")
+
+
 def _opt(default, check, doc):
     return field(default=default, metadata={"check": check, "doc": doc})
 
@@ -106,12 +126,29 @@ class DBCacheConfig:
         None, _opt_bool, "two transformer calls per step (cond, uncond); None detects it from repeated timesteps")
     cfg_compute_first: bool = _opt(False, _bool, "with separate CFG, the uncond call comes first in each step")
     cfg_diff_compute_separate: bool = _opt(True, _bool, "with separate CFG, each branch measures its own diff")
+    steps_computation_mask: Optional[tuple] = _opt(
+        None, _opt_mask, "SCM: 1 (compute) or 0 (cache candidate) per step; sets num_inference_steps when unset")
+    steps_computation_policy: str = _opt(
+        "dynamic", _policy, "SCM: 'dynamic' caches a 0-step only when the gate agrees, 'static' caches it outright")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             f.metadata["check"](f.name, getattr(self, f.name))
+        mask = self.steps_computation_mask
+        if mask is not None:
+            object.__setattr__(self, "steps_computation_mask", tuple(mask))
+            if self.num_inference_steps is None:
+                object.__setattr__(self, "num_inference_steps", len(mask))
+            elif len(mask) != self.num_inference_steps:
+                raise ValueError(
+                    f"steps_computation_mask has {len(mask)} entries but num_inference_steps={self.num_inference_steps}: "
+                    f"give one 0/1 per step")
+        elif self.steps_computation_policy != _FIELD_DEFAULTS["steps_computation_policy"]:
+            raise ValueError(
+                f"steps_computation_policy={self.steps_computation_policy!r} needs a steps_computation_mask: "
+                f"it says what to do on the mask's cache steps")
         n = self.num_inference_steps
-        if n is not None and self.max_warmup_steps >= n:
+        if n is not None and mask is None and self.max_warmup_steps >= n:   # a mask truncates warmup
             raise ValueError(
                 f"max_warmup_steps={self.max_warmup_steps} is invalid with num_inference_steps={n}: "
                 f"every step would be a warmup step and nothing could be cached; use max_warmup_steps < {n}")
@@ -127,7 +164,22 @@ class DBCacheConfig:
         """cache-dit style tag, e.g. ``F1B0W4I1M0MC3_R0.24``."""
         return (f"F{self.Fn_compute_blocks}B{self.Bn_compute_blocks}W{self.max_warmup_steps}"
                 f"I{self.warmup_interval}M{max(0, self.max_cached_steps)}"
-                f"MC{max(0, self.max_continuous_cached_steps)}_R{self.residual_diff_threshold}")
+                f"MC{max(0, self.max_continuous_cached_steps)}_R{self.residual_diff_threshold}"
+                + ("" if self.steps_computation_mask is None else
+                   f"_SCM{''.join(map(str, self.steps_computation_mask))}_{self.steps_computation_policy}"))
+
+    def warmup_steps(self) -> frozenset:
+        """The steps forced to compute at the start of a generation.
+
+        As in cache-dit, a steps_computation_mask truncates warmup to its first run of 1s,
+        so a mask that caches early is not overridden by warmup.
+        """
+        warmup = self.max_warmup_steps
+        if self.steps_computation_mask is not None:
+            leading = next((i for i, m in enumerate(self.steps_computation_mask) if m == 0),
+                           len(self.steps_computation_mask))
+            warmup = min(warmup, leading)
+        return frozenset(range(0, warmup, self.warmup_interval))
 
 
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DBCacheConfig)}

@@ -76,6 +76,32 @@ def test_unknown_and_planned_keys():
         parse_options({"inner_backend": "tvm"})
 
 
+@given(mask=st.lists(st.integers(-1, 2), min_size=1, max_size=10), n=st.one_of(st.none(), st.integers(1, 10)))
+def test_steps_computation_mask_is_one_0_or_1_per_step(mask, n):
+    if any(m not in (0, 1) for m in mask):
+        with pytest.raises(ValueError, match=r"steps_computation_mask=.*0 \(cache\) / 1 \(compute\)"):
+            cachec.DBCacheConfig(steps_computation_mask=mask, num_inference_steps=n)
+    elif n is not None and n != len(mask):
+        with pytest.raises(ValueError, match=f"{len(mask)} entries but num_inference_steps={n}"):
+            cachec.DBCacheConfig(steps_computation_mask=mask, num_inference_steps=n)
+    else:
+        c = cachec.DBCacheConfig(steps_computation_mask=mask, num_inference_steps=n, max_warmup_steps=8)
+        assert c.steps_computation_mask == tuple(mask) and c.num_inference_steps == len(mask)
+        leading = (mask + [0]).index(0)   # warmup is cut to the mask's leading run of 1s
+        assert c.warmup_steps() == frozenset(range(min(8, leading)))
+
+
+def test_steps_computation_policy_and_named_masks():
+    with pytest.raises(ValueError, match=r"steps_computation_policy='fixed'.*\('dynamic', 'static'\)"):
+        cachec.DBCacheConfig(steps_computation_mask=[1, 0], steps_computation_policy="fixed")
+    with pytest.raises(ValueError, match="steps_computation_policy='static' needs a steps_computation_mask"):
+        parse_options({"steps_computation_policy": "static"})
+    with pytest.raises(ValueError, match="steps_computation_mask='fast' is not supported yet.*explicit list"):
+        parse_options({"steps_computation_mask": "fast", "num_inference_steps": 28})
+    c = parse_options({"steps_computation_mask": [1, 1, 0, 1], "steps_computation_policy": "static"}).cache_config
+    assert c.short_name().endswith("_SCM1101_static")
+
+
 def test_contradictory_settings():
     with pytest.raises(ValueError, match="max_warmup_steps=8 .* num_inference_steps=8"):
         cachec.DBCacheConfig(max_warmup_steps=8, num_inference_steps=8)

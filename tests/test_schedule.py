@@ -30,14 +30,22 @@ def run_generation(compiled, ts, x, *, branches=1):
 def reference_schedule(model, ts, cfg):
     """cache-dit's DBCache rules restated as one loop over the steps (Fn diff of the toy)."""
     temb = lambda s: model.temb(torch.tensor([s]))
-    warm = set(range(0, cfg.get("max_warmup_steps", 4), cfg.get("warmup_interval", 1)))
+    mask, static = cfg.get("steps_computation_mask"), cfg.get("steps_computation_policy") == "static"
+    warmup = cfg.get("max_warmup_steps", 4)
+    if mask is not None:   # cache-dit truncates warmup to the mask's leading run of 1s
+        warmup = min(warmup, next((i for i, m in enumerate(mask) if m == 0), len(mask)))
+    warm = set(range(0, warmup, cfg.get("warmup_interval", 1)))
     thr = cfg.get("residual_diff_threshold", 0.24)
     max_cached, max_cont = cfg.get("max_cached_steps", -1), cfg.get("max_continuous_cached_steps", 3)
     acc_thr = cfg.get("max_accumulated_residual_diff_threshold")
     computed, last, cont, acc = [], None, 0, 0.0
     for s, t in enumerate(ts):
         n_cached = s - len(computed)
-        if s in warm or last is None or 0 <= max_cached <= n_cached or 0 <= max_cont <= cont \
+        if s in warm or last is None or (mask is not None and mask[s] == 1):
+            compute = True
+        elif mask is not None and static:
+            compute = False
+        elif 0 <= max_cached <= n_cached or 0 <= max_cont <= cont \
                 or (acc_thr is not None and acc >= acc_thr) or thr <= 0:
             compute = True
         elif thr >= 1:
@@ -80,6 +88,32 @@ def test_hand_worked_schedules(cfg, n, computed):
     check_outputs(model, outs, ts, x, computed)
 
 
+MASK = [1, 1, 0, 0, 1, 0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("mask, policy, cfg, computed", [
+    # warmup 4 is cut to the mask's two leading 1s; static caches every 0-step, past max_continuous too
+    (MASK, "static", {"max_warmup_steps": 4, "max_continuous_cached_steps": 1, "residual_diff_threshold": 0.0},
+     [0, 1, 4, 8]),
+    # dynamic: a 0-step still goes through the gate (threshold >= 1 caches, max_continuous 1 forces steps 3 and 6)
+    (MASK, "dynamic", {"max_warmup_steps": 4, "max_continuous_cached_steps": 1, "residual_diff_threshold": 1.0},
+     [0, 1, 3, 4, 6, 8]),
+    # dynamic with threshold 0: nothing is cached, whatever the mask says
+    (MASK, "dynamic", {"max_warmup_steps": 0, "residual_diff_threshold": 0.0}, list(range(9))),
+    # a mask that starts with 0 leaves no warmup; step 0 computes because nothing is cached yet
+    ([0, 0] + MASK[2:], "static", {"max_warmup_steps": 4}, [0, 4, 8]),
+])
+def test_steps_computation_mask_hand_worked(mask, policy, cfg, computed):
+    model, compiled = compile_toy(**cfg, steps_computation_mask=mask, steps_computation_policy=policy)
+    ts, x = falling(len(mask)), [torch.randn(SHAPE)]
+    outs = run_generation(compiled, ts, x)
+    s = cachec.summary(compiled)
+    assert s.computed_steps == computed
+    check_outputs(model, outs, ts, x, computed)
+    if policy == "static":   # the mask decides alone: no diff is measured on its cache steps
+        assert not set(s.residual_diffs) & set(s.cached_steps)
+
+
 def test_threshold_zero_computes_every_step_and_matches_eager():
     model, compiled = compile_toy(residual_diff_threshold=0.0, max_warmup_steps=1)
     ts, x = falling(6), [torch.randn(SHAPE)]
@@ -115,9 +149,13 @@ configs = st.fixed_dictionaries({
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=configs, n=st.integers(2, 12), Fn=st.integers(1, 2), Bn=st.integers(0, 1),
-       rising=st.booleans(), branches=st.sampled_from([1, 2]))
-def test_schedule_matches_reference_every_generation(cfg, n, Fn, Bn, rising, branches):
+       rising=st.booleans(), branches=st.sampled_from([1, 2]),
+       mask=st.one_of(st.none(), st.lists(st.integers(0, 1), min_size=12, max_size=12)),
+       policy=st.sampled_from(["dynamic", "static"]))
+def test_schedule_matches_reference_every_generation(cfg, n, Fn, Bn, rising, branches, mask, policy):
     """Three generations in a row: each follows the reference schedule, per CFG branch."""
+    if mask is not None:
+        cfg = {**cfg, "steps_computation_mask": mask[:n], "steps_computation_policy": policy}
     model, compiled = compile_toy(5, **cfg, Fn_compute_blocks=Fn, Bn_compute_blocks=Bn)
     ts = falling(n)[::-1] if rising else falling(n)
     want = reference_schedule(model, ts, cfg)

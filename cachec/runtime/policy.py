@@ -18,7 +18,9 @@ class DBCachePolicy:
 
     def __init__(self, config: DBCacheConfig):
         self.config = config
-        self.warmup_steps = frozenset(range(0, config.max_warmup_steps, config.warmup_interval))
+        self.warmup_steps = config.warmup_steps()
+        self.mask = config.steps_computation_mask
+        self.static = config.steps_computation_policy == "static"
 
     def compute(self, branch: BranchState, step: int, diff: Callable[[], Optional[float]]) -> tuple[bool, str]:
         """Return (compute?, reason). ``diff()`` measures the residual change lazily."""
@@ -27,6 +29,11 @@ class DBCachePolicy:
             return True, "warmup"
         if not branch.has_cache:
             return True, "nothing cached yet"
+        if self.mask is not None and step < len(self.mask):
+            if self.mask[step]:
+                return True, "steps_computation_mask"
+            if self.static:
+                return False, "steps_computation_mask (static)"
         if 0 <= c.max_cached_steps <= len(branch.cached_steps):
             return True, "max_cached_steps"
         if 0 <= c.max_continuous_cached_steps <= branch.continuous_cached:
