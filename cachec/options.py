@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-__all__ = ["DBCacheConfig", "BackendOptions", "parse_options", "INNER_BACKENDS"]
+__all__ = ["DBCacheConfig", "BackendOptions", "parse_options", "steps_mask", "INNER_BACKENDS"]
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 
@@ -97,6 +97,24 @@ def _policy(name, v):
 SCM_POLICIES = ("dynamic", "static")
 
 
+def steps_mask(compute_bins: list, cache_bins: list) -> list:
+    """A ``steps_computation_mask`` from alternating runs, computing first (cache-dit's bins).
+
+    ``steps_mask([6, 1, 1], [1, 3])`` is six 1s, one 0, one 1, three 0s, one 1: 12 steps.
+    There is one more compute bin than cache bins, so the last step computes.
+    """
+    for name, bins in (("compute_bins", compute_bins), ("cache_bins", cache_bins)):
+        if not isinstance(bins, (list, tuple)) or any(not _is_int(n) or n < 1 for n in bins):
+            raise ValueError(f"{name}={bins!r} is invalid: expected a list of ints >= 1 (run lengths)")
+    if len(compute_bins) != len(cache_bins) + 1:
+        raise ValueError(f"compute_bins={list(compute_bins)} and cache_bins={list(cache_bins)} are invalid together: "
+                         f"runs alternate compute, cache, ..., compute, so there is one more compute bin")
+    mask = [1] * compute_bins[0]
+    for cache, compute in zip(cache_bins, compute_bins[1:]):
+        mask += [0] * cache + [1] * compute
+    return mask
+
+
 def _opt(default, check, doc):
     return field(default=default, metadata={"check": check, "doc": doc})
 
@@ -141,8 +159,8 @@ class DBCacheConfig:
                 object.__setattr__(self, "num_inference_steps", len(mask))
             elif len(mask) != self.num_inference_steps:
                 raise ValueError(
-                    f"steps_computation_mask has {len(mask)} entries but num_inference_steps={self.num_inference_steps}: "
-                    f"give one 0/1 per step")
+                    f"steps_computation_mask has {len(mask)} entries but "
+                    f"num_inference_steps={self.num_inference_steps}: give one 0/1 per step")
         elif self.steps_computation_policy != _FIELD_DEFAULTS["steps_computation_policy"]:
             raise ValueError(
                 f"steps_computation_policy={self.steps_computation_policy!r} needs a steps_computation_mask: "

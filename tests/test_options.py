@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import cachec
 from cachec.options import CACHE_KEYS, parse_options
@@ -100,6 +100,26 @@ def test_steps_computation_policy_and_named_masks():
         parse_options({"steps_computation_mask": "fast", "num_inference_steps": 28})
     c = parse_options({"steps_computation_mask": [1, 1, 0, 1], "steps_computation_policy": "static"}).cache_config
     assert c.short_name().endswith("_SCM1101_static")
+
+
+def test_steps_mask_writes_out_cache_dits_fast_bins():
+    # compute 6, cache 1, compute 1, cache 3, compute 1, cache 4, compute 1, cache 5, compute 1, cache 4, compute 1
+    want = "111111" "0" "1" "000" "1" "0000" "1" "00000" "1" "0000" "1"
+    assert "".join(map(str, cachec.steps_mask([6, 1, 1, 1, 1, 1], [1, 3, 4, 5, 4]))) == want
+
+
+@settings(deadline=None)
+@given(compute=st.lists(st.integers(-1, 4), min_size=1, max_size=5), cache=st.lists(st.integers(-1, 4), max_size=5))
+def test_steps_mask_bins(compute, cache):
+    if min(compute + cache) < 1 or len(compute) != len(cache) + 1:
+        with pytest.raises(ValueError, match="compute_bins=|cache_bins="):
+            cachec.steps_mask(compute, cache)
+        return
+    mask = cachec.steps_mask(compute, cache)
+    assert len(mask) == sum(compute) + sum(cache) and sum(mask) == sum(compute) and mask[0] == mask[-1] == 1
+    runs = "".join(map(str, mask)).replace("10", "1 0").replace("01", "0 1").split()
+    assert [len(r) for r in runs[0::2]] == compute and [len(r) for r in runs[1::2]] == cache
+    assert cachec.DBCacheConfig(steps_computation_mask=mask).num_inference_steps == len(mask)
 
 
 def test_contradictory_settings():
