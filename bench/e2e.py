@@ -5,8 +5,10 @@ Every system generates the same digits (classifier-free guidance as two transfor
 step, cond then uncond, 28 Euler steps). Each row is one system at one setting: a warm-up
 generation (compiles), then ``--repeats`` timed generations; the fastest counts. Columns:
 
-* ``speedup``: plain torch.compile's time over this row's (plain is timed first and again last;
-  the two plain rows show the run's noise);
+* ``speedup``: plain torch.compile's time over this row's. Plain is compiled and timed again after
+  every row; the baseline is the median of those timings under the same global inductor configs
+  (a shared machine has spikes of 20-40% lasting tens of seconds: a median over the whole run is
+  steadier than any single pairing). Their spread is printed;
 * ``computed``: steps that ran the full block stack, cond/uncond branch, from each system's own
   records;
 * ``PSNR``, ``SSIM``: against the plain images, on float images in [0, 1];
@@ -20,7 +22,7 @@ compile configs change inductor globally, so its rows run last, after a plain ro
 configs. A setting a system cannot express is a row that says why.
 
     pip install -e ".[bench]"        # cache-dit, scikit-learn, matplotlib, tqdm
-    python bench/e2e.py              # ~30 min on 2 CPU cores; writes out/e2e.csv and out/e2e.png
+    python bench/e2e.py              # ~25 min on 2 CPU cores; writes out/e2e.csv and out/e2e.png
     python bench/e2e.py --quick      # 6 steps, 10 digits, aot_eager: a smoke run of the whole table
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ import csv
 import math
 import os
 import re
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -103,6 +106,7 @@ class Row:
     setting: str
     prepare: Optional[Callable[[torch.nn.Module, int, str], Prepared]]
     note: str = ""
+    configs: str = "default"                         # the global inductor configs the row ran under
     result: dict = field(default_factory=dict)
 
 
@@ -217,12 +221,11 @@ def rows(steps: int, with_cache_dit: bool, cache_dit_missing: str) -> list[Row]:
     out += [Row("diffusers TaylorSeer", f"interval {k}, warmup {warmup}", taylorseer_system(k, warmup),
                 "fixed interval, order 1, attention outputs only; computed = attention steps")
             for k in (2, 3, 4)]
-    out.append(Row("torch.compile", "uncached, again", plain, "noise check: timed last before cache-dit"))
     if with_cache_dit:
         out.append(Row("torch.compile + cache-dit configs", "uncached", cache_dit_compile_configs,
-                       "cache_dit.set_compile_configs() then torch.compile"))
+                       "cache_dit.set_compile_configs() then torch.compile", "cache-dit"))
         out += [Row("cache-dit 1.5.3", p.label, cache_dit_system(p),
-                    "refresh_context before each generation") for p in points]
+                    "refresh_context before each generation", "cache-dit") for p in points]
     else:
         out += [Row("cache-dit 1.5.3", p.label, None, cache_dit_missing) for p in points]
     return out
@@ -284,15 +287,32 @@ def measure(row: Row, conditioner, labels, steps: int, backend: str, repeats: in
         row.note = (row.note + "; " if row.note else "") + "repeated generations differ"
 
 
+def measure_with_baseline(row: Row, conditioner, labels, steps: int, backend: str, repeats: int) -> None:
+    """Measure ``row``, then plain torch.compile at once (same global configs): its paired baseline."""
+    measure(row, conditioner, labels, steps, backend, repeats)
+    if row.prepare in (plain, cache_dit_compile_configs):
+        row.result["base_seconds"] = row.result["seconds"]
+        return
+    base = Row("torch.compile", "baseline", plain)
+    measure(base, conditioner, labels, steps, backend, repeats)
+    row.result["base_seconds"] = base.result["seconds"]
+
+
 def finish(rows_: list[Row], labels, steps: int) -> list[dict]:
     base = next(r for r in rows_ if r.result)
+    baselines = {}
+    for r in rows_:
+        if r.result:
+            baselines.setdefault(r.configs, []).append(r.result["base_seconds"])
+    median = {configs: statistics.median(times) for configs, times in baselines.items()}
     table = []
     for r in rows_:
-        line = dict(system=r.system, setting=r.setting, note=r.note)
+        line = {"system": r.system, "setting": r.setting, "note": r.note}
         if r.result:
             res = r.result
             cond, uncond = res["computed"]
-            line.update(speedup=base.result["seconds"] / res["seconds"], seconds=res["seconds"],
+            line.update(speedup=median[r.configs] / res["seconds"], seconds=res["seconds"],
+                        base_seconds=median[r.configs], paired_base_seconds=res["base_seconds"],
                         first_seconds=res["first_seconds"], computed=f"{cond}/{uncond}",
                         psnr=psnr(res["images"], base.result["images"], data_range=1.0),
                         ssim=ssim(res["images"], base.result["images"]),
@@ -305,6 +325,11 @@ def finish(rows_: list[Row], labels, steps: int) -> list[dict]:
 def print_table(table: list[dict], steps: int, n: int, backend: str) -> None:
     print(f"\ndigits DiT, {n} digits, {steps} steps, CFG as two calls per step (computed: cond/uncond), "
           f"inner backend {backend}, {torch.get_num_threads()} threads")
+    bases = [t["paired_base_seconds"] for t in table if "paired_base_seconds" in t]
+    medians = sorted({t["base_seconds"] for t in table if "base_seconds" in t})
+    print(f"plain torch.compile, timed after every row: {min(bases):.2f} to {max(bases):.2f} s per generation; "
+          f"speedup = median of those under the same configs ({', '.join(f'{m:.2f} s' for m in medians)}) "
+          f"/ the row's time")
     head = (f"{'system':<34}{'setting':<24}{'speedup':>8}{'computed':>10}{'PSNR':>7}{'SSIM':>7}{'acc':>6}"
             f"{'recomp':>7}{'breaks':>7}  note")
     print(head)
@@ -319,8 +344,8 @@ def print_table(table: list[dict], steps: int, n: int, backend: str) -> None:
 
 
 def write_csv(table: list[dict], path: str) -> None:
-    keys = ["system", "setting", "speedup", "seconds", "first_seconds", "computed", "psnr", "ssim", "accuracy",
-            "recompiles", "graph_breaks", "note"]
+    keys = ["system", "setting", "speedup", "seconds", "base_seconds", "paired_base_seconds", "first_seconds",
+            "computed", "psnr", "ssim", "accuracy", "recompiles", "graph_breaks", "note"]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -363,7 +388,7 @@ def main():
     ap.add_argument("--per-class", type=int, default=4, help="digits of each class per generation")
     ap.add_argument("--backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
                     help="what every system compiles with (cachec: its inner backend)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed generations per row; the fastest counts")
+    ap.add_argument("--repeats", type=int, default=3, help="timed generations per row; the fastest counts")
     ap.add_argument("--no-cache-dit", action="store_true", help="leave cache-dit out even if it is installed")
     ap.add_argument("--quick", action="store_true", help="6 steps, 1 digit per class, aot_eager, 1 repeat")
     ap.add_argument("--only", nargs="*", metavar="SYSTEM",
@@ -390,7 +415,7 @@ def main():
         plan = [r for r in plan if r.system == "torch.compile" or any(w in r.system for w in args.only)]
     runnable = [r for r in plan if r.prepare is not None]
     for row in tqdm(runnable, desc="e2e", unit="row"):
-        measure(row, conditioner, labels, args.steps, args.backend, args.repeats)
+        measure_with_baseline(row, conditioner, labels, args.steps, args.backend, args.repeats)
     table = finish(plan, labels, args.steps)
     print_table(table, args.steps, len(labels), args.backend)
     write_csv(table, args.csv)

@@ -6,19 +6,20 @@ transformer call per step. Caching follows a fixed schedule: cache-dit's "fast" 
 (11 of 28 steps computed) with the static policy, so no decision depends on the weights. Fn=1, Bn=0:
 the middle blocks are transformer_blocks[1:] and all single_transformer_blocks.
 
-Rows, each timed on one full generation after a warm-up generation (which compiles):
+Each system is timed as the fastest of --repeats generations after a warm-up generation (which
+compiles), with plain torch.compile(model, backend="inductor") timed right before and right after it;
+its speedup is against the faster of that pair, so the machine's drift over minutes cancels:
 
-    plain                              torch.compile(model, backend="inductor")
-    cachec                             torch.compile(model, backend="cachec", options={...mask, static...})
-    plain + cache-dit compile configs  plain again, after cache_dit.set_compile_configs()
-    cache-dit                          cache_dit.enable_cache(...) + set_compile_configs() + torch.compile
+    cachec     torch.compile(model, backend="cachec", options={...mask, static...})
+    cache-dit  cache_dit.enable_cache(...) + cache_dit.set_compile_configs() + torch.compile(model)
 
-set_compile_configs() changes global inductor configs for the rest of the process, hence the order.
+set_compile_configs() changes global inductor configs for the rest of the process: cache-dit runs
+last, and the plain pair around it runs under the same configs.
 The FLOP-ideal speedup is steps * total / (steps * total - cached_steps * middle), with the FLOPs of
 one call counted per module by torch.utils.flop_counter; efficiency = measured speedup / ideal.
 Writes the table to out/efficiency.csv.
 
-    python bench/efficiency.py                  # full size, "fast" mask (about 10 minutes on 2 idle cores)
+    python bench/efficiency.py                  # full size, "fast" mask (about 15 minutes on 2 idle cores)
     python bench/efficiency.py --mask medium    # 15 of 28 steps computed
     python bench/efficiency.py --quick          # tiny model, 6 steps: a smoke run of a minute or two
 """
@@ -117,20 +118,19 @@ def generate(model, inputs: dict, steps: int, bar=None) -> torch.Tensor:
     return x
 
 
-def timed_generation(model, inputs: dict, steps: int, name: str, before=None) -> tuple[float, torch.Tensor]:
-    """Seconds of one generation after a warm-up generation; ``before()`` runs ahead of each."""
-    with tqdm(total=steps, desc=name, unit="step", leave=False) as bar:
-        bar.set_postfix_str("warm-up (compiles)")
-        if before:
-            before()
-        generate(model, inputs, steps, bar)
-        bar.reset()
-        bar.set_postfix_str("timed")
-        if before:
-            before()
-        start = time.perf_counter()
-        out = generate(model, inputs, steps, bar)
-        return time.perf_counter() - start, out
+def timed_generation(model, inputs: dict, steps: int, name: str, repeats: int,
+                     before=None) -> tuple[float, torch.Tensor]:
+    """Fastest of ``repeats`` generations after a warm-up one; ``before()`` runs ahead of each."""
+    times = []
+    with tqdm(total=steps * (1 + repeats), desc=name, unit="step", leave=False) as bar:
+        for i in range(1 + repeats):
+            bar.set_postfix_str("warm-up (compiles)" if i == 0 else "timed")
+            if before:
+                before()
+            start = time.perf_counter()
+            out = generate(model, inputs, steps, bar)
+            times.append(time.perf_counter() - start)
+    return min(times[1:]), out
 
 
 def middle_blocks(model) -> list[str]:
@@ -163,17 +163,17 @@ def ideal_speedup(steps: int, cached: int, total: int, middle: int) -> float:
     return steps * total / (steps * total - cached * middle)
 
 
-def run_plain(model, inputs: dict, steps: int, name: str) -> tuple[float, torch.Tensor]:
+def run_plain(model, inputs: dict, steps: int, name: str, repeats: int) -> tuple[float, torch.Tensor]:
     torch._dynamo.reset()
-    return timed_generation(torch.compile(model, backend="inductor"), inputs, steps, name)
+    return timed_generation(torch.compile(model, backend="inductor"), inputs, steps, name, repeats)
 
 
-def run_cachec(model, inputs: dict, mask: list[int], middle: list[str]) -> tuple[float, torch.Tensor]:
+def run_cachec(model, inputs: dict, mask: list[int], middle: list[str], repeats: int) -> tuple[float, torch.Tensor]:
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="cachec", options={
         "Fn_compute_blocks": FN, "Bn_compute_blocks": BN, "steps_computation_mask": mask,
         "steps_computation_policy": "static", "max_warmup_steps": 0, "inner_backend": "inductor"})
-    seconds, out = timed_generation(compiled, inputs, len(mask), "cachec")
+    seconds, out = timed_generation(compiled, inputs, len(mask), "cachec", repeats)
     s = cachec.summary(compiled)
     print("cachec segments: " + " | ".join(f"{kind}[{', '.join(blocks)}]" if blocks else kind
                                           for kind, blocks in s.segments))
@@ -184,7 +184,7 @@ def run_cachec(model, inputs: dict, mask: list[int], middle: list[str]) -> tuple
     return seconds, out
 
 
-def run_cache_dit(model, inputs: dict, mask: list[int]) -> tuple[float, torch.Tensor]:
+def run_cache_dit(model, inputs: dict, mask: list[int], repeats: int) -> tuple[float, torch.Tensor]:
     """cache-dit's transformer-only use with its torch.compile recommendation; call set_compile_configs() first."""
     import cache_dit
     steps = len(mask)
@@ -196,7 +196,7 @@ def run_cache_dit(model, inputs: dict, mask: list[int]) -> tuple[float, torch.Te
 
     def refresh():   # transformer-only, cache-dit carries its step count across generations otherwise
         cache_dit.refresh_context(model, num_inference_steps=steps)
-    seconds, out = timed_generation(compiled, inputs, steps, "cache-dit", before=refresh)
+    seconds, out = timed_generation(compiled, inputs, steps, "cache-dit", repeats, before=refresh)
     stats = [s for s in cache_dit.summary(model, logging=False) if s.cache_options]
     cached = sorted(set(stats[0].cached_steps))
     expected = [i for i, m in enumerate(mask) if not m]
@@ -217,6 +217,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--in-channels", type=int, help=f"latent channels per token ({FULL['in_channels']})")
     ap.add_argument("--grid", type=int, help=f"image tokens per side ({FULL['grid']}: {FULL['grid'] ** 2} tokens)")
     ap.add_argument("--text-tokens", type=int, help=f"text tokens ({FULL['text_tokens']})")
+    ap.add_argument("--repeats", type=int, default=2, help="timed generations per measurement; the fastest counts")
     ap.add_argument("--csv", default="out/efficiency.csv")
     args = ap.parse_args()
     for key, value in (QUICK if args.quick else FULL).items():
@@ -226,9 +227,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def print_table(rows: list[Row]) -> None:
-    print(f"{'system':<36}{'computed':>10}{'s/gen':>9}{'speedup':>9}{'ideal':>8}{'efficiency':>12}")
+    print(f"{'system':<40}{'computed':>10}{'s/gen':>9}{'speedup':>9}{'ideal':>8}{'efficiency':>12}")
     for r in rows:
-        print(f"{r.system:<36}{r.computed:>6}/{r.steps:<3}{r.seconds:>9.2f}{r.speedup:>8.2f}x{r.ideal:>7.2f}x"
+        print(f"{r.system:<40}{r.computed:>6}/{r.steps:<3}{r.seconds:>9.2f}{r.speedup:>8.2f}x{r.ideal:>7.2f}x"
               f"{r.efficiency:>12.1%}")
 
 
@@ -264,33 +265,29 @@ def main():
 
     rows, outs = [], {}
     with torch.no_grad():
-        seconds, outs["plain"] = run_plain(model, inputs, steps, "plain")
-        rows.append(Row("plain (torch.compile, inductor)", steps, steps, seconds, 1.0))
-        per_step = seconds / steps
-        print(f"plain torch.compile: {per_step:.3f} s per step"
-              + ("" if per_step >= 0.5 or args.quick else " (below 0.5 s: grow the model to make it compute-bound)"))
-        seconds, outs["cachec"] = run_cachec(model, inputs, mask, middle)
-        rows.append(Row("cachec", computed, steps, seconds, ideal))
+        # Plain is timed right before and right after each cached system, under the same global
+        # configs: the machine's speed drifts by several percent over minutes, the pairs do not.
+        def plain_pair(label: str, run) -> None:
+            before, outs["plain"] = run_plain(model, inputs, steps, f"plain, before {label}", args.repeats)
+            seconds, outs[label] = run()
+            after, _ = run_plain(model, inputs, steps, f"plain, after {label}", args.repeats)
+            base = min(before, after)
+            rows.append(Row(f"plain torch.compile (around {label})", steps, steps, base, 1.0, 1.0))
+            rows.append(Row(label, computed, steps, seconds, ideal, base / seconds))
+            print(f"plain torch.compile: {before / steps:.3f} s per step before {label}, {after / steps:.3f} after"
+                  + ("" if base / steps >= 0.5 or args.quick else " (below 0.5 s: not compute-bound enough)"))
 
+        plain_pair("cachec", lambda: run_cachec(model, inputs, mask, middle, args.repeats))
         import cache_dit  # only now: nothing of it may touch the rows above
         if args.mask in ("fast", "medium"):
             assert mask == cache_dit.steps_mask(total_steps=steps, mask_policy=args.mask), "not cache-dit's mask"
-        cache_dit.set_compile_configs()
-        seconds, outs["plain_cd"] = run_plain(model, inputs, steps, "plain + cache-dit configs")
-        rows.append(Row("plain + cache-dit compile configs", steps, steps, seconds, 1.0))
+        cache_dit.set_compile_configs()   # global inductor configs: the plain pair around cache-dit has them too
         fresh = build_model(args)
         fresh.load_state_dict(model.state_dict())
-        seconds, outs["cache-dit"] = run_cache_dit(fresh, inputs, mask)
-        rows.append(Row("cache-dit", computed, steps, seconds, ideal))
+        plain_pair("cache-dit", lambda: run_cache_dit(fresh, inputs, mask, args.repeats))
 
-    base = rows[0].seconds
-    for r in rows:
-        r.speedup = base / r.seconds
     print()
     print_table(rows)
-    cd_base = rows[2].seconds
-    print(f"cache-dit against plain + its compile configs: {cd_base / rows[3].seconds:.2f}x speedup, "
-          f"{cd_base / rows[3].seconds / ideal:.1%} efficiency")
     print("final latent, relative L1 difference: " + ", ".join(
         f"{a} vs {b} {relative_l1(outs[a], outs[b]):.2e}"
         for a, b in [("cachec", "plain"), ("cache-dit", "plain"), ("cachec", "cache-dit")]))
