@@ -112,6 +112,8 @@ def test_steps_computation_mask_hand_worked(mask, policy, cfg, computed):
     check_outputs(model, outs, ts, x, computed)
     if policy == "static":   # the mask decides alone: no diff is measured on its cache steps
         assert not set(s.residual_diffs) & set(s.cached_steps)
+    with pytest.raises(ValueError, match=f"steps_computation_mask has {len(mask)} entries but num_inference_steps=5"):
+        cachec.refresh(compiled, num_inference_steps=5)   # a new step count needs a new mask
 
 
 def test_threshold_zero_computes_every_step_and_matches_eager():
