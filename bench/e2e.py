@@ -15,7 +15,7 @@ generation (compiles), then ``--repeats`` timed generations; the fastest counts.
 * ``accuracy``: a scikit-learn classifier reading the generated digits;
 * ``recompiles``, ``breaks``: dynamo recompilations and graph breaks over warm-up and timed runs.
 
-Systems: cachec (DBCache sweep, SCM mask), cache-dit 1.5.3 (same settings, its
+Systems: cachec (DBCache sweep, SCM mask, TaylorSeer), cache-dit 1.5.3 (same settings, its
 ``set_compile_configs()`` + ``torch.compile``), diffusers ``FirstBlockCache`` (threshold only) and
 diffusers ``TaylorSeerCacheConfig`` (fixed interval), both under ``torch.compile``. cache-dit's
 compile configs change inductor globally, so its rows run last, after a plain row under the same
@@ -59,12 +59,14 @@ class DBCacheSetting:
     warmup: int = 4
     max_continuous: int = 3
     mask: Optional[tuple] = None          # SCM: 1 compute / 0 cache per step, static policy
+    taylorseer: int = 0                   # TaylorSeer order (0: off)
 
     @property
     def label(self) -> str:
+        taylor = f" +TS{self.taylorseer}" if self.taylorseer else ""
         if self.mask is not None:
-            return f"F{self.Fn}B{self.Bn} SCM static {sum(self.mask)}/{len(self.mask)}"
-        return f"F{self.Fn}B{self.Bn} r={self.threshold:g}"
+            return f"F{self.Fn}B{self.Bn} SCM static {sum(self.mask)}/{len(self.mask)}{taylor}"
+        return f"F{self.Fn}B{self.Bn} r={self.threshold:g}{taylor}"
 
     def cache_config(self, steps: int) -> dict:
         """The cache-dit / cachec ``cache_config`` keys for this point."""
@@ -73,6 +75,8 @@ class DBCacheSetting:
                       num_inference_steps=steps)
         if self.mask is not None:
             config.update(steps_computation_mask=list(self.mask), steps_computation_policy="static")
+        if self.taylorseer:   # cachec's keys (vllm-omni's); cache-dit takes a calibrator_config instead
+            config.update(enable_taylorseer=True, taylorseer_order=self.taylorseer)
         return config
 
 
@@ -83,10 +87,12 @@ def sweep(steps: int) -> list[DBCacheSetting]:
     points = [DBCacheSetting(threshold=r) for r in (0.08, 0.12, 0.16, 0.24, 0.32)]
     points.append(DBCacheSetting(Fn=2, Bn=1, threshold=0.24))
     if steps == len(FAST_MASK_28):
-        points.append(DBCacheSetting(threshold=0.0, warmup=0, mask=FAST_MASK_28))
+        mask = FAST_MASK_28
     else:   # --quick: a short mask of the same shape
-        points.append(DBCacheSetting(threshold=0.0, warmup=0, mask=tuple([1, 1] + [0, 1] * ((steps - 2) // 2)
-                                                                          + [1] * (steps % 2))))
+        mask = tuple([1, 1] + [0, 1] * ((steps - 2) // 2) + [1] * (steps % 2))
+    points.append(DBCacheSetting(threshold=0.0, warmup=0, mask=mask))
+    points += [DBCacheSetting(threshold=r, taylorseer=1) for r in (0.24, 0.32)]
+    points.append(DBCacheSetting(threshold=0.0, warmup=0, mask=mask, taylorseer=1))
     return points
 
 
@@ -130,8 +136,12 @@ def cachec_system(setting: DBCacheSetting):
 def cache_dit_system(setting: DBCacheSetting):
     def prepare(transformer, steps, backend):
         import cache_dit
-        cache_dit.enable_cache(transformer, cache_config=cache_dit.DBCacheConfig(
-            **setting.cache_config(steps), enable_separate_cfg=True))
+        config = setting.cache_config(steps)
+        order = config.pop("taylorseer_order", None)
+        config.pop("enable_taylorseer", None)
+        calibrator = None if order is None else cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=order)
+        cache_dit.enable_cache(transformer, cache_config=cache_dit.DBCacheConfig(**config, enable_separate_cfg=True),
+                               calibrator_config=calibrator)
         compiled = torch.compile(transformer, backend=backend)
 
         def computed():
@@ -209,7 +219,10 @@ def rows(steps: int, with_cache_dit: bool, cache_dit_missing: str) -> list[Row]:
     out = [Row("torch.compile", "uncached", plain)]
     out += [Row("cachec", p.label, cachec_system(p)) for p in points]
     for p in points:
-        if p.mask is not None:
+        if p.taylorseer:
+            out.append(Row("diffusers FirstBlockCache", p.label, None,
+                           "no extrapolation of the cached residual (diffusers' TaylorSeer hook: rows below)"))
+        elif p.mask is not None:
             out.append(Row("diffusers FirstBlockCache", p.label, None, "no step masks in diffusers' hooks"))
         elif (p.Fn, p.Bn) != (1, 0):
             out.append(Row("diffusers FirstBlockCache", p.label, None,
@@ -361,16 +374,22 @@ def plot(table: list[dict], path: str, title: str) -> None:
     finite = [t["psnr"] for t in table if "psnr" in t and math.isfinite(t["psnr"])]
     cap = max(finite, default=40.0) + 5
     fig, ax = plt.subplots(figsize=(8, 5))
-    systems = dict.fromkeys(t["system"] for t in table if "speedup" in t)
-    for system in systems:
+    def curve_of(t):   # TaylorSeer rows of a system form a curve of their own, dashed
+        return t["system"], "+TS" in t["setting"]
+    colors = {}
+    for key in dict.fromkeys(curve_of(t) for t in table if "speedup" in t):
         points = sorted((min(t["psnr"], cap), t["speedup"], "SCM" in t["setting"]) for t in table
-                        if t["system"] == system and "speedup" in t)
-        curve = [(x, y) for x, y, scm in points if not scm]
-        line, = ax.plot(*zip(*curve), marker="o", label=system)
+                        if "speedup" in t and curve_of(t) == key)
+        system, taylor = key
+        curve = [(x, y) for x, y, scm in points if not scm] or [(x, y) for x, y, _ in points]
+        line, = ax.plot(*zip(*curve), marker="o", linestyle="--" if taylor else "-", color=colors.get(system),
+                        label=system + (" + TaylorSeer" if taylor else ""))
+        colors[system] = line.get_color()
         for x, y, scm in points:
             if scm:   # a fixed step mask is not a point of the threshold sweep: drawn apart
                 ax.plot([x], [y], marker="*", markersize=12, color=line.get_color())
-                ax.annotate("SCM mask", (x, y), textcoords="offset points", xytext=(6, -3), fontsize=7)
+                ax.annotate("SCM mask" + (" +TS" if taylor else ""), (x, y), textcoords="offset points",
+                            xytext=(6, -3), fontsize=7)
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.set_xlabel(f"PSNR against uncached, dB (uncached drawn at {cap:.0f})")
     ax.set_ylabel("speedup over plain torch.compile")

@@ -27,8 +27,7 @@ INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 # vocabulary we accept, so they get a clear "not supported yet" instead of a
 # did-you-mean.
 _PLANNED_KEYS = (
-    "enable_taylorseer",
-    "taylorseer_order", "scm_steps_mask_policy", "scm_steps_policy",
+    "scm_steps_mask_policy", "scm_steps_policy",
     "strategy", "cache_ratio", "warmup", "cooldown",
 )
 
@@ -148,6 +147,9 @@ class DBCacheConfig:
         None, _opt_mask, "SCM: 1 (compute) or 0 (cache candidate) per step; sets num_inference_steps when unset")
     steps_computation_policy: str = _opt(
         "dynamic", _policy, "SCM: 'dynamic' caches a 0-step only when the gate agrees, 'static' caches it outright")
+    enable_taylorseer: bool = _opt(
+        False, _bool, "TaylorSeer: on cached steps, extrapolate the cached residual from its finite differences")
+    taylorseer_order: int = _opt(1, _int_at_least(1), "TaylorSeer: derivative orders kept per cached residual")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -165,6 +167,8 @@ class DBCacheConfig:
             raise ValueError(
                 f"steps_computation_policy={self.steps_computation_policy!r} needs a steps_computation_mask: "
                 f"it says what to do on the mask's cache steps")
+        if not self.enable_taylorseer and self.taylorseer_order != _FIELD_DEFAULTS["taylorseer_order"]:
+            raise ValueError(f"taylorseer_order={self.taylorseer_order!r} needs enable_taylorseer=True")
         n = self.num_inference_steps
         if n is not None and mask is None and self.max_warmup_steps >= n:   # a mask truncates warmup
             raise ValueError(
@@ -184,7 +188,8 @@ class DBCacheConfig:
                 f"I{self.warmup_interval}M{max(0, self.max_cached_steps)}"
                 f"MC{max(0, self.max_continuous_cached_steps)}_R{self.residual_diff_threshold}"
                 + ("" if self.steps_computation_mask is None else
-                   f"_SCM{''.join(map(str, self.steps_computation_mask))}_{self.steps_computation_policy}"))
+                   f"_SCM{''.join(map(str, self.steps_computation_mask))}_{self.steps_computation_policy}")
+                + (f"_TaylorSeer_O({self.taylorseer_order})" if self.enable_taylorseer else ""))
 
     def warmup_steps(self) -> frozenset:
         """The steps forced to compute at the start of a generation.

@@ -1,5 +1,6 @@
 """Option validation: every bad key or value is a ValueError naming key, value and what is allowed."""
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from cachec.options import CACHE_KEYS, parse_options
 
 INT_FIELDS = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 0, "warmup_interval": 1,
               "max_cached_steps": -1, "max_continuous_cached_steps": -1}
-BOOL_FIELDS = ("cfg_compute_first", "cfg_diff_compute_separate")
+BOOL_FIELDS = ("cfg_compute_first", "cfg_diff_compute_separate", "enable_taylorseer")
 
 
 def test_defaults_are_documented_values():
@@ -70,8 +71,8 @@ def test_misspelled_keys_get_a_did_you_mean(key, junk):
 def test_unknown_and_planned_keys():
     with pytest.raises(ValueError, match=r"unknown option 'zzz' \(allowed:"):
         parse_options({"zzz": 1})
-    with pytest.raises(ValueError, match="'enable_taylorseer' is not supported yet"):
-        parse_options({"enable_taylorseer": True})
+    with pytest.raises(ValueError, match="'cache_ratio' is not supported yet"):
+        parse_options({"cache_ratio": 0.5})
     with pytest.raises(ValueError, match=r"inner_backend='tvm'.*\('inductor', 'aot_eager', 'eager'\)"):
         parse_options({"inner_backend": "tvm"})
 
@@ -120,6 +121,18 @@ def test_steps_mask_bins(compute, cache):
     runs = "".join(map(str, mask)).replace("10", "1 0").replace("01", "0 1").split()
     assert [len(r) for r in runs[0::2]] == compute and [len(r) for r in runs[1::2]] == cache
     assert cachec.DBCacheConfig(steps_computation_mask=mask).num_inference_steps == len(mask)
+
+
+@given(order=st.one_of(st.integers(-3, 6), st.floats(allow_nan=False), st.booleans()), enabled=st.booleans())
+def test_taylorseer_order(order, enabled):
+    valid = isinstance(order, int) and not isinstance(order, bool) and order >= 1
+    if valid and (enabled or order == 1):
+        c = cachec.DBCacheConfig(enable_taylorseer=enabled, taylorseer_order=order)
+        assert c.short_name().endswith(f"_TaylorSeer_O({order})") == enabled
+    else:
+        with pytest.raises(ValueError, match=rf"taylorseer_order={re.escape(repr(order))} (is invalid: expected an "
+                                             rf"int >= 1|needs enable_taylorseer=True)"):
+            cachec.DBCacheConfig(enable_taylorseer=enabled, taylorseer_order=order)
 
 
 def test_contradictory_settings():

@@ -1,4 +1,6 @@
 """DBCache decisions and outputs on a toy model whose outputs are known exactly."""
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -114,6 +116,65 @@ def test_steps_computation_mask_hand_worked(mask, policy, cfg, computed):
         assert not set(s.residual_diffs) & set(s.cached_steps)
     with pytest.raises(ValueError, match=f"steps_computation_mask has {len(mask)} entries but num_inference_steps=5"):
         cachec.refresh(compiled, num_inference_steps=5)   # a new step count needs a new mask
+
+
+def taylor_reference(model, x, ts, computed, order, Fn=1, Bn=0):
+    """Outputs under TaylorSeer, from DESIGN.md's rule restated over the toy's exact residuals."""
+    ws = [b.w.item() for b in model.blocks]
+    n_blocks = len(ws)
+    def temb(t):
+        return model.temb(torch.tensor([t]))
+    always, mid = sum(ws[:Fn]) + sum(ws[n_blocks - Bn:]), sum(ws[Fn:n_blocks - Bn])
+    outs, table, last = [], [], None
+    for s, t in enumerate(ts):
+        if s in computed:
+            new = [mid * temb(t)]
+            for i in range(min(order, len(table))):
+                new.append((new[i] - table[i]) / (s - last))
+            table, last = new, s
+            outs.append(x + (always + mid) * temb(t))
+        else:
+            k = s - last
+            outs.append(x + always * temb(t) + sum(d * k ** i / math.factorial(i) for i, d in enumerate(table)))
+    return outs
+
+
+def test_taylorseer_order1_is_the_line_through_the_last_two_computed_steps():
+    # computed [0, 1, 4, 7] as in the hand-worked schedule above
+    model, compiled = compile_toy(residual_diff_threshold=1.0, max_warmup_steps=2, max_continuous_cached_steps=2,
+                                  enable_taylorseer=True)
+    ts, x = falling(10), [torch.randn(SHAPE)]
+    outs = run_generation(compiled, ts, x)
+    assert cachec.summary(compiled).computed_steps == [0, 1, 4, 7]
+    mid = sum(b.w.item() for b in model.blocks[1:])
+    def residual(step):
+        return mid * model.temb(torch.tensor([ts[step]]))
+    for s, (c1, c2) in {2: (0, 1), 3: (0, 1), 5: (1, 4), 6: (1, 4), 8: (4, 7), 9: (4, 7)}.items():
+        line = residual(c2) + (residual(c2) - residual(c1)) * (s - c2) / (c2 - c1)
+        want = x[0] + model.blocks[0].w.item() * model.temb(torch.tensor([ts[s]])) + line
+        torch.testing.assert_close(outs[s][0], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("cfg", [
+    {"max_warmup_steps": 1, "max_continuous_cached_steps": 2, "residual_diff_threshold": 1.0},
+    {"max_warmup_steps": 3, "max_continuous_cached_steps": 1, "residual_diff_threshold": 1.0},
+    {"steps_computation_mask": [1, 1, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0], "steps_computation_policy": "static",
+     "max_warmup_steps": 0},
+])
+def test_taylorseer_follows_the_derivative_table_per_branch_and_generation(order, cfg):
+    model, compiled = compile_toy(5, **cfg, Fn_compute_blocks=1, Bn_compute_blocks=1,
+                                  enable_taylorseer=True, taylorseer_order=order)
+    ts = falling(12)
+    for gen in range(2):   # a new generation starts a new derivative table
+        x = [torch.randn(SHAPE) for _ in range(2)]
+        outs = run_generation(compiled, ts, x, branches=2)
+        s = cachec.summary(compiled)
+        assert s.generation == gen and s.cached_steps
+        for b, name in enumerate(s.branches):
+            want = taylor_reference(model, x[b], ts, s.branches[name].computed_steps, order, Fn=1, Bn=1)
+            for step in range(len(ts)):
+                torch.testing.assert_close(outs[step][b], want[step], rtol=1e-4, atol=1e-4)
 
 
 def test_threshold_zero_computes_every_step_and_matches_eager():

@@ -5,10 +5,12 @@ depends on it, so computed and cached steps never recompile (DESIGN.md s. 2).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
 
+from ..kernels.taylor import taylor_update_
 from ..passes.split import SplitPlan
 from .policy import DBCachePolicy
 from .state import BranchState, ModelState
@@ -64,8 +66,37 @@ class FnGate(torch.nn.Module):
         return d
 
 
+class TaylorSeries:
+    """TaylorSeer's derivative table of one cached residual (DESIGN.md s. 3).
+
+    On each computed step, ``n`` steps after the previous one: ``d[0] = R``,
+    ``d[i+1] = (d[i]_new - d[i]_old) / n``; orders appear one update at a time
+    (after the first computed step only ``d[0]``). ``k`` steps after the last
+    computed step the residual is ``sum_i d[i] * k**i / i!``. Kept in fp32.
+    """
+
+    def __init__(self, order: int):
+        self.order, self.derivs, self.valid = order, None, 0
+
+    def update(self, residual: torch.Tensor, n: int) -> None:
+        if self.derivs is None or self.derivs.shape[1:] != residual.shape:
+            self.derivs = residual.new_zeros((self.order + 1, *residual.shape), dtype=torch.float32)
+            self.valid = 0
+        self.valid = min(self.valid + 1, self.order + 1)
+        taylor_update_(self.derivs[:self.valid], residual.contiguous(), float(n))
+
+    def add_to(self, out: torch.Tensor, k: int) -> torch.Tensor:
+        """``out += predicted residual`` in place (``out`` holds the base, in its own layout)."""
+        for i in range(self.valid):
+            out.add_(self.derivs[i], alpha=k ** i / math.factorial(i))
+        return out
+
+
 class CachedSegment(torch.nn.Module):
     """A middle segment: computes and stores its residuals, or reuses them.
+
+    With ``taylor_order`` > 0 (TaylorSeer) a cached step extrapolates each
+    residual from its derivative table instead of reusing it as it was.
 
     A cached output takes the layout (strides) of the computed one: the next
     compiled segment was compiled for it, and inductor asserts input strides
@@ -73,25 +104,49 @@ class CachedSegment(torch.nn.Module):
     sequence, so the batch stride is not the contiguous one).
     """
 
-    def __init__(self, run: Callable, index: int, residual_of: list, call: _Call):
+    def __init__(self, run: Callable, index: int, residual_of: list, call: _Call, taylor_order: int = 0):
         super().__init__()
         self.run, self.index, self.residual_of, self.call = run, index, residual_of, call
+        self.taylor_order = taylor_order
 
     def forward(self, *args):
         b = self.call.branch
         if b.computing:
             outs = self.run(*args)
-            b.caches[self.index] = [o if j is None else (o - args[j], o.size(), o.stride())
-                                    for o, j in zip(outs, self.residual_of)]
+            if self.taylor_order:
+                self._update_taylor(b, outs, args)
+            else:
+                b.caches[self.index] = [o if j is None else (o - args[j], o.size(), o.stride())
+                                        for o, j in zip(outs, self.residual_of)]
             b.has_cache = True
             return outs
+        if self.taylor_order:
+            k = self.call.step - b.computed_steps[-1]
+            return tuple(c if j is None else c[0].add_to(self._add(args[j], None, *c[1:]), k)
+                         for c, j in zip(b.caches[self.index], self.residual_of))
         return tuple(c if j is None else self._add(args[j], *c)
                      for c, j in zip(b.caches[self.index], self.residual_of))
 
+    def _update_taylor(self, b: BranchState, outs, args) -> None:
+        steps = b.computed_steps           # the gate has recorded this step already
+        n = steps[-1] - steps[-2] if len(steps) > 1 else 1
+        old = b.caches.get(self.index)
+        entries = []
+        for m, (o, j) in enumerate(zip(outs, self.residual_of)):
+            if j is None:
+                entries.append(o)
+                continue
+            series = old[m][0] if old is not None else TaylorSeries(self.taylor_order)
+            series.update(o - args[j], n)
+            entries.append((series, o.size(), o.stride()))
+        b.caches[self.index] = entries
+
     @staticmethod
-    def _add(x: torch.Tensor, residual: torch.Tensor, size, stride) -> torch.Tensor:
-        out = torch.empty_strided(size, stride, dtype=residual.dtype, device=residual.device)
-        return torch.add(x, residual, out=out)
+    def _add(x: torch.Tensor, residual: Optional[torch.Tensor], size, stride) -> torch.Tensor:
+        """``x + residual`` (or a copy of ``x`` when residual is None) in the computed output's layout."""
+        dtype = x.dtype if residual is None else residual.dtype
+        out = torch.empty_strided(size, stride, dtype=dtype, device=x.device)
+        return out.copy_(x) if residual is None else torch.add(x, residual, out=out)
 
 
 class Plain(torch.nn.Module):
@@ -120,7 +175,8 @@ class CachedGraph:
             if k == plan.gate_segment:
                 mod = FnGate(run, plan.gate_hidden_in, plan.gate_hidden_out, self.call, policy, state, diff)
             elif seg.kind == "mid":
-                mod = CachedSegment(run, k, seg.residual_of, self.call)
+                taylor = state.config.taylorseer_order if state.config.enable_taylorseer else 0
+                mod = CachedSegment(run, k, seg.residual_of, self.call, taylor)
             else:
                 mod = Plain(run)
             setattr(plan.parent, seg.module_name, mod)
