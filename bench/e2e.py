@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import math
 import os
 import re
@@ -269,7 +270,7 @@ class CompileCounter:
 
 
 def generate(prepared: Prepared, conditioner, labels, steps: int, seed: int, bar) -> torch.Tensor:
-    calls = iter(range(10 ** 9))
+    calls = itertools.count()
 
     def call(**kw):
         bar.update(1)

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cachec
+from cachec.kernels.relative_l1 import relative_l1_reference
 
 FN, BN = 1, 0   # cache-dit's / cachec's Fn_compute_blocks, Bn_compute_blocks
 SEED = 0
@@ -156,7 +157,8 @@ def count_flops(model, inputs: dict, middle: list[str]) -> tuple[int, int]:
 
 
 def relative_l1(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().mean() / b.abs().mean())
+    """mean|a - b| / mean|b|, cachec's own diff definition."""
+    return float(relative_l1_reference(b, a))
 
 
 def ideal_speedup(steps: int, cached: int, total: int, middle: int) -> float:

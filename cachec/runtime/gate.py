@@ -120,12 +120,19 @@ class CachedSegment(torch.nn.Module):
                                         for o, j in zip(outs, self.residual_of)]
             b.has_cache = True
             return outs
-        if self.taylor_order:
-            k = self.call.step - b.computed_steps[-1]
-            return tuple(c if j is None else c[0].add_to(self._add(args[j], None, *c[1:]), k)
-                         for c, j in zip(b.caches[self.index], self.residual_of))
-        return tuple(c if j is None else self._add(args[j], *c)
-                     for c, j in zip(b.caches[self.index], self.residual_of))
+        cached = []
+        for c, j in zip(b.caches[self.index], self.residual_of):
+            if j is None:                        # an output with no input to pair with: reused as it was
+                cached.append(c)
+                continue
+            residual, size, stride = c
+            x = args[j]
+            if self.taylor_order:                # residual is a TaylorSeries
+                out = self._layout(size, stride, x.dtype, x).copy_(x)
+                cached.append(residual.add_to(out, self.call.step - b.computed_steps[-1]))
+            else:
+                cached.append(torch.add(x, residual, out=self._layout(size, stride, residual.dtype, x)))
+        return tuple(cached)
 
     def _update_taylor(self, b: BranchState, outs, args) -> None:
         steps = b.computed_steps           # the gate has recorded this step already
@@ -142,11 +149,9 @@ class CachedSegment(torch.nn.Module):
         b.caches[self.index] = entries
 
     @staticmethod
-    def _add(x: torch.Tensor, residual: Optional[torch.Tensor], size, stride) -> torch.Tensor:
-        """``x + residual`` (or a copy of ``x`` when residual is None) in the computed output's layout."""
-        dtype = x.dtype if residual is None else residual.dtype
-        out = torch.empty_strided(size, stride, dtype=dtype, device=x.device)
-        return out.copy_(x) if residual is None else torch.add(x, residual, out=out)
+    def _layout(size, stride, dtype, like: torch.Tensor) -> torch.Tensor:
+        """An empty tensor in the computed output's layout, on ``like``'s device."""
+        return torch.empty_strided(size, stride, dtype=dtype, device=like.device)
 
 
 class Plain(torch.nn.Module):
