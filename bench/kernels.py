@@ -31,6 +31,7 @@ import cachec.kernels as K  # noqa: E402
 RL1 = importlib.import_module("cachec.kernels.relative_l1")
 TAY = importlib.import_module("cachec.kernels.taylor")
 FP8 = importlib.import_module("cachec.kernels.fp8_a2a")
+GATE = importlib.import_module("cachec.passes.gate_diff")
 
 ORDER = 2
 WORLD = 4
@@ -139,6 +140,52 @@ def copy_gbps(nbytes: int, device: str, warmup: int, reps: int) -> float:
     return 2 * nbytes / ms / 1e6
 
 
+class _FnStandIn(torch.nn.Module):
+    """The end of a first block, as the gate sees it: FLUX's gated residual add."""
+
+    def forward(self, x, attn, gate):
+        return (x + gate * attn,)
+
+
+def gate_rows(quick: bool, device: str, dtype: torch.dtype, warmup: int, reps: int) -> list[tuple]:
+    """The gate after Fn: residual + relative L1 apart from the Fn code, or fused into its graph."""
+    t, h = (1024, 3072) if quick else (4096, 3072)
+    x, attn = (torch.randn(1, t, h, device=device, dtype=dtype) for _ in range(2))
+    gate = torch.randn(1, 1, h, device=device, dtype=dtype)
+    prev = (0.9 * attn).contiguous()
+    fn = torch.fx.symbolic_trace(_FnStandIn())
+    fused_gm = GATE.fuse_gate_diff(fn, 0, 0)
+    torch._dynamo.reset()
+    fn_c = torch.compile(fn, dynamic=False)
+    fused_c = torch.compile(fused_gm, dynamic=False)
+    diff_c = torch.compile(K.relative_l1_reference, dynamic=False)
+
+    def apart(diff):
+        def run(x, attn, gate, prev):
+            out = fn_c(x, attn, gate)[0]
+            residual = (out - x).contiguous()
+            return out, residual, diff(prev, residual)
+        return run
+
+    impls = [("Fn alone", lambda x, attn, gate, prev: fn_c(x, attn, gate)),
+             ("apart, compiled diff", apart(diff_c))]
+    if device == "cuda":
+        impls.append(("apart, Triton diff", apart(RL1._relative_l1_triton)))
+    impls.append(("fused in Fn graph", fused_c))
+    ref = apart(K.relative_l1_reference)(x, attn, gate, prev)
+    rows = []
+    for name, fn_i in impls:
+        got = fn_i(x, attn, gate, prev)
+        if name != "Fn alone":   # the paths must agree before they are timed
+            # fused, the residual is taken from the output before it is rounded to dtype
+            ulp = torch.finfo(dtype).eps * float(ref[0].abs().max())
+            torch.testing.assert_close(got[-2], ref[1], rtol=0, atol=ulp)
+            torch.testing.assert_close(got[-1], ref[2], rtol=1e-2, atol=0)
+        rows.append((name, time_ms(fn_i, (x, attn, gate, prev), device, warmup, reps)))
+        print(f"  gate {name:<22} {rows[-1][1]:9.3f} ms", flush=True)
+    return [(f"{t}x{h}", name, ms, ms - rows[0][1]) for name, ms in rows]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes (CPU-friendly)")
@@ -210,6 +257,13 @@ def main() -> None:
     if device == "cpu":
         print("(on CPU copy_ also pays write-allocate reads that the count above ignores, so "
               "read-heavy kernels can pass 100%; timings share the machine with other jobs)")
+
+    gates = gate_rows(args.quick, device, dtype, warmup, reps)
+    print()
+    print(f"{'gate after Fn (stand-in: x + gate * attn)':<44} {'ms':>9} {'gate ms':>9}")
+    for size, name, ms, over in gates:
+        print(f"{size + ' ' + name:<44} {ms:9.3f} {over:9.3f}")
+    print("(gate ms: the time above 'Fn alone', i.e. what the residual and the diff cost)")
 
     try:
         import matplotlib

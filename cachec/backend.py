@@ -16,7 +16,7 @@ from torch._guards import TracingContext, detect_fake_mode, tracing
 
 from .options import BackendOptions, parse_options
 from .passes import NoBlockChain, find_graph_inputs, plan_graph
-from .kernels.relative_l1 import relative_l1 as fused_relative_l1, relative_l1_reference
+from .passes.gate_diff import fuse_gate_diff
 from .passes.split import SplitPlan
 from .runtime import CachedGraph, ModelState, summarize
 from .runtime.summary import CacheSummary
@@ -110,26 +110,15 @@ def _inner_compiler(opts: BackendOptions, fake_mode) -> Callable[[fx.GraphModule
     return compile_graph
 
 
-def _relative_l1_graph(prev, cur):
-    return (relative_l1_reference(prev, cur),)
-
-
-def _diff_function(compile_graph: Callable, plan: SplitPlan, fake_mode) -> Callable:
-    """The gate's relative L1 as a float: the fused Triton op on CUDA, else the
-    reference compiled for the hidden residual's shape.
-
-    Measured on CPU (bench/kernels.py, 1024 x 3072 bf16): the eager reference
-    takes 22.6 ms, inductor's compiled one 0.35 ms.
-    """
+def _gate_graph(compile_graph: Callable, plan: SplitPlan, fake_mode) -> Callable:
+    """The Fn segment compiled with the gate's residual and relative L1 fused in
+    (``passes.gate_diff``, where the measurement that chose this is)."""
     seg = plan.segments[plan.gate_segment]
-    hidden = plan.example_values[seg.output_names[plan.gate_hidden_out]]
+    gm = fuse_gate_diff(plan.submodule(seg), plan.gate_hidden_in, plan.gate_hidden_out)
+    hidden = plan.example_values[seg.input_names[plan.gate_hidden_in]]
     with fake_mode:   # the gate hands it contiguous residuals
-        residual = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-    compiled = compile_graph(fx.symbolic_trace(_relative_l1_graph), [residual, residual])
-
-    def relative_l1(prev: torch.Tensor, cur: torch.Tensor) -> float:
-        return float(fused_relative_l1(prev, cur) if prev.is_cuda else compiled(prev, cur)[0])
-    return relative_l1
+        prev = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    return compile_graph(gm, plan.example_inputs(seg) + [prev])
 
 
 def _plain_graph(plain: Callable, gm: fx.GraphModule, state: ModelState, why: str, inner: str) -> Callable:
@@ -192,9 +181,11 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
     }
     fake_mode = detect_fake_mode(example_inputs) or TracingContext.get().fake_mode
     compile_graph = _inner_compiler(opts, fake_mode)
-    segments = [compile_graph(plan.submodule(seg), plan.example_inputs(seg)) for seg in plan.segments]
+    segments = [_gate_graph(compile_graph, plan, fake_mode) if k == plan.gate_segment
+                else compile_graph(plan.submodule(seg), plan.example_inputs(seg))
+                for k, seg in enumerate(plan.segments)]
     timesteps = {i: inputs.name(i) for i in inputs.timestep_candidates}
-    return CachedGraph(plan, segments, _diff_function(compile_graph, plan, fake_mode), state, timesteps, inputs.user_inputs)
+    return CachedGraph(plan, segments, state, timesteps, inputs.user_inputs)
 
 
 def _find_state(model: Any) -> ModelState:

@@ -25,19 +25,28 @@ class _Call:
 
 
 class FnGate(torch.nn.Module):
-    """Runs the first-blocks segment, then decides whether the middle computes."""
+    """Runs the first-blocks segment, then decides whether the middle computes.
 
-    def __init__(self, run: Callable, hidden_in: int, hidden_out: int, call: _Call,
-                 policy: DBCachePolicy, state: ModelState, relative_l1: Callable[[torch.Tensor, torch.Tensor], float]):
+    ``run`` is the Fn segment with the gate fused in (``passes.gate_diff``): it
+    takes the stored residual as one more input and returns the segment's
+    outputs, then this step's residual and its relative L1 change.
+    """
+
+    def __init__(self, run: Callable, hidden_in: int, call: _Call, policy: DBCachePolicy, state: ModelState):
         super().__init__()
-        self.run, self.hidden_in, self.hidden_out, self.relative_l1 = run, hidden_in, hidden_out, relative_l1
+        self.run, self.hidden_in = run, hidden_in
         self.call, self.policy, self.state = call, policy, state
 
     def forward(self, *args):
-        outs = self.run(*args)
         call, b = self.call, self.call.branch
-        residual = (outs[self.hidden_out] - args[self.hidden_in]).contiguous()
-        compute, reason = self.policy.compute(b, call.step, lambda: self._diff(b, residual))
+        hidden = args[self.hidden_in]
+        prev = b.prev_residual
+        if prev is not None and prev.shape != hidden.shape:
+            prev = b.prev_residual = None
+        # with no stored residual the fused diff is measured against zeros and ignored
+        *outs, residual, diff = self.run(*args, prev if prev is not None else torch.zeros(
+            hidden.shape, dtype=hidden.dtype, device=hidden.device))
+        compute, reason = self.policy.compute(b, call.step, lambda: self._diff(b, prev, diff))
         b.computing = compute
         b.reasons[call.step] = reason
         if compute:
@@ -47,19 +56,19 @@ class FnGate(torch.nn.Module):
         else:
             b.continuous_cached += 1
             b.cached_steps.append(call.step)
-        return outs
+        return tuple(outs)
 
-    def _diff(self, b: BranchState, residual: torch.Tensor) -> Optional[float]:
+    def _diff(self, b: BranchState, prev: Optional[torch.Tensor], diff: torch.Tensor) -> Optional[float]:
         """Measure (or, for the second CFG branch, maybe borrow) this step's diff and record it."""
         step = self.call.step
         first = self.state.branches.get(0)
         if (self.call.branch_index == 1 and not self.state.config.cfg_diff_compute_separate
                 and first is not None and step in first.residual_diffs):
             d = first.residual_diffs[step]
-        elif b.prev_residual is None or b.prev_residual.shape != residual.shape:
+        elif prev is None:
             return None
         else:
-            d = self.relative_l1(b.prev_residual, residual)
+            d = float(diff)
         b.residual_diffs[step] = d
         if d > 0:
             b.accumulated_diff += d
@@ -166,8 +175,8 @@ class Plain(torch.nn.Module):
 class CachedGraph:
     """The callable the backend returns to dynamo for a graph with a block chain."""
 
-    def __init__(self, plan: SplitPlan, segments: list[Callable], diff: Callable,
-                 state: ModelState, timestep_inputs: dict[int, str], shape_inputs: list[int]):
+    def __init__(self, plan: SplitPlan, segments: list[Callable], state: ModelState,
+                 timestep_inputs: dict[int, str], shape_inputs: list[int]):
         self.plan, self.state = plan, state
         self.timestep_inputs, self.timestep_names = list(timestep_inputs), list(timestep_inputs.values())
         self.shape_inputs = shape_inputs
@@ -178,7 +187,7 @@ class CachedGraph:
         policy = DBCachePolicy(state.config)
         for k, (seg, run) in enumerate(zip(plan.segments, segments)):
             if k == plan.gate_segment:
-                mod = FnGate(run, plan.gate_hidden_in, plan.gate_hidden_out, self.call, policy, state, diff)
+                mod = FnGate(run, plan.gate_hidden_in, self.call, policy, state)
             elif seg.kind == "mid":
                 taylor = state.config.taylorseer_order if state.config.enable_taylorseer else 0
                 mod = CachedSegment(run, k, seg.residual_of, self.call, taylor)

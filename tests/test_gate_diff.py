@@ -1,0 +1,86 @@
+"""The Fn segment with the gate's residual and relative L1 fused in (passes.gate_diff)."""
+import pytest
+import torch
+import torch.fx as fx
+from hypothesis import given, settings, strategies as st
+
+import cachec
+from cachec.passes.gate_diff import fuse_gate_diff
+from toy import ToyDiT
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+class JointBlock(torch.nn.Module):
+    """Like FLUX's single blocks: the hidden output is a strided view of a joint sequence."""
+
+    def forward(self, txt, x, attn, gate):
+        joint = torch.cat([txt, x + gate * attn], dim=1)
+        return joint[:, :txt.shape[1]] * 2, joint[:, txt.shape[1]:]
+
+
+def inputs(tokens: int, dim: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype)
+    return [r(2, 3, dim), r(2, tokens, dim), r(2, tokens, dim), r(2, 1, dim)], r(2, tokens, dim)
+
+
+def rel_l1(prev, cur):
+    """The gate's diff restated in float64: sum|prev - cur| / sum|prev|."""
+    p, c = prev.double(), cur.double()
+    return float((p - c).abs().sum() / p.abs().sum())
+
+
+@settings(max_examples=20, deadline=None)
+@given(tokens=st.sampled_from([1, 127, 4097]), dim=st.sampled_from([8, 64]), dtype=st.sampled_from(DTYPES))
+def test_fused_graph_returns_the_outputs_the_residual_and_its_relative_l1(tokens, dim, dtype):
+    gm = fx.symbolic_trace(JointBlock())
+    args, prev = inputs(tokens, dim, dtype)
+    fused = fuse_gate_diff(gm, hidden_in=1, hidden_out=1)
+    *outs, residual, diff = fused(*args, prev)
+    want = gm(*args)
+    assert len(outs) == len(want)
+    for o, w in zip(outs, want):
+        torch.testing.assert_close(o, w, rtol=0, atol=0)
+    assert not want[1].is_contiguous() and residual.is_contiguous()
+    torch.testing.assert_close(residual, want[1] - args[1], rtol=0, atol=0)
+    assert diff.dtype == torch.float32 and diff.dim() == 0
+    assert float(diff) == pytest.approx(rel_l1(prev, residual), rel=1e-5)
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_graph_through_inductor_matches_the_eager_gate(dtype):
+    """Inductor takes the residual from the output before rounding it to dtype: one ulp of the output."""
+    gm = fx.symbolic_trace(JointBlock())
+    args, prev = inputs(127, 64, dtype)
+    fused = fuse_gate_diff(gm, hidden_in=1, hidden_out=1)
+    torch._dynamo.reset()
+    *outs, residual, diff = torch.compile(fused, backend="inductor", dynamic=False)(*args, prev)
+    want = gm(*args)
+    ulp = torch.finfo(dtype).eps * float(want[1].abs().max())
+    for o, w in zip(outs, want):   # eager rounds gate * attn before adding
+        torch.testing.assert_close(o, w, rtol=0, atol=2 * ulp)
+    torch.testing.assert_close(residual, want[1] - args[1], rtol=0, atol=ulp)
+    assert float(diff) == pytest.approx(rel_l1(prev, want[1] - args[1]), rel=1e-2 if dtype != torch.float32 else 1e-5)
+
+
+@pytest.mark.inductor
+def test_gate_diffs_through_inductor_are_the_relative_l1_of_the_fn_residual():
+    """The toy's Fn residual is w0 * temb(t): the recorded diffs are known by hand."""
+    torch._dynamo.reset()
+    model = ToyDiT(4)
+    compiled = torch.compile(model, backend="cachec", options={
+        "residual_diff_threshold": 0.5, "max_warmup_steps": 1, "max_continuous_cached_steps": -1})
+    ts, x = torch.linspace(1.0, 0.05, 6).tolist(), torch.randn(1, 3, 8)
+    with torch.no_grad():
+        for t in ts:
+            compiled(x, torch.tensor([t]))
+    s = cachec.summary(compiled)
+    temb = lambda v: model.temb(torch.tensor([v]))
+    last = 0
+    assert s.computed_steps[0] == 0 and len(s.residual_diffs) == len(ts) - 1
+    for step in range(1, len(ts)):
+        assert s.residual_diffs[step] == pytest.approx(rel_l1(temb(ts[last]), temb(ts[step])), rel=1e-5)
+        if step in s.computed_steps:
+            last = step
