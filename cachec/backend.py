@@ -17,6 +17,7 @@ from torch._guards import TracingContext, detect_fake_mode, tracing
 from .options import BackendOptions, parse_options
 from .passes import NoBlockChain, find_graph_inputs, plan_graph
 from .passes.gate_diff import fuse_gate_diff
+from .passes.taylor import taylor_apply_graph
 from .passes.split import SplitPlan
 from .runtime import CachedGraph, ModelState, summarize
 from .runtime.summary import CacheSummary
@@ -121,6 +122,27 @@ def _gate_graph(compile_graph: Callable, plan: SplitPlan, fake_mode) -> Callable
     return compile_graph(gm, plan.example_inputs(seg) + [prev])
 
 
+def _taylor_graphs(compile_graph: Callable, plan: SplitPlan, order: int, fake_mode) -> dict[int, list]:
+    """For each middle segment, per output: TaylorSeer's cached-step graph compiled for
+    that output's layout (``passes.taylor``), or None for outputs reused as values."""
+    graphs = {}
+    for k, seg in enumerate(plan.segments):
+        if seg.kind != "mid":
+            continue
+        graphs[k] = []
+        for name, j in zip(seg.output_names, seg.residual_of):
+            if j is None:
+                graphs[k].append(None)
+                continue
+            out, base = plan.example_values[name], plan.example_values[seg.input_names[j]]
+            with fake_mode:
+                example = [torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device), base,
+                           torch.empty((order + 1, *out.shape), dtype=torch.float32, device=out.device),
+                           torch.empty(order + 1, dtype=torch.float32, device=out.device)]
+            graphs[k].append(compile_graph(taylor_apply_graph(order), example))
+    return graphs
+
+
 def _plain_graph(plain: Callable, gm: fx.GraphModule, state: ModelState, why: str, inner: str) -> Callable:
     """Run a graph without a chain: warn once per model, and report the timestep if it is here.
 
@@ -184,8 +206,9 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
     segments = [_gate_graph(compile_graph, plan, fake_mode) if k == plan.gate_segment
                 else compile_graph(plan.submodule(seg), plan.example_inputs(seg))
                 for k, seg in enumerate(plan.segments)]
+    taylor = _taylor_graphs(compile_graph, plan, cfg.taylorseer_order, fake_mode) if cfg.enable_taylorseer else {}
     timesteps = {i: inputs.name(i) for i in inputs.timestep_candidates}
-    return CachedGraph(plan, segments, state, timesteps, inputs.user_inputs)
+    return CachedGraph(plan, segments, taylor, state, timesteps, inputs.user_inputs)
 
 
 def _find_state(model: Any) -> ModelState:

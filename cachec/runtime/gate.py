@@ -5,12 +5,12 @@ depends on it, so computed and cached steps never recompile (DESIGN.md s. 2).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
 
 from ..kernels.taylor import taylor_update_
+from ..passes.taylor import taylor_coefficients
 from ..passes.split import SplitPlan
 from .policy import DBCachePolicy
 from .state import BranchState, ModelState
@@ -81,7 +81,8 @@ class TaylorSeries:
     On each computed step, ``n`` steps after the previous one: ``d[0] = R``,
     ``d[i+1] = (d[i]_new - d[i]_old) / n``; orders appear one update at a time
     (after the first computed step only ``d[0]``). ``k`` steps after the last
-    computed step the residual is ``sum_i d[i] * k**i / i!``. Kept in fp32.
+    computed step the residual is ``sum_i d[i] * k**i / i!``. Kept in fp32;
+    orders not reached yet stay zero, so the sum may run over all of them.
     """
 
     def __init__(self, order: int):
@@ -94,18 +95,13 @@ class TaylorSeries:
         self.valid = min(self.valid + 1, self.order + 1)
         taylor_update_(self.derivs[:self.valid], residual.contiguous(), float(n))
 
-    def add_to(self, out: torch.Tensor, k: int) -> torch.Tensor:
-        """``out += predicted residual`` in place (``out`` holds the base, in its own layout)."""
-        for i in range(self.valid):
-            out.add_(self.derivs[i], alpha=k ** i / math.factorial(i))
-        return out
-
 
 class CachedSegment(torch.nn.Module):
     """A middle segment: computes and stores its residuals, or reuses them.
 
-    With ``taylor_order`` > 0 (TaylorSeer) a cached step extrapolates each
-    residual from its derivative table instead of reusing it as it was.
+    With TaylorSeer (``taylor`` holds a compiled ``passes.taylor`` graph per
+    output) a cached step extrapolates each residual from its derivative table
+    instead of reusing it as it was.
 
     A cached output takes the layout (strides) of the computed one: the next
     compiled segment was compiled for it, and inductor asserts input strides
@@ -113,10 +109,11 @@ class CachedSegment(torch.nn.Module):
     sequence, so the batch stride is not the contiguous one).
     """
 
-    def __init__(self, run: Callable, index: int, residual_of: list, call: _Call, taylor_order: int = 0):
+    def __init__(self, run: Callable, index: int, residual_of: list, call: _Call,
+                 taylor_order: int = 0, taylor: Optional[list] = None):
         super().__init__()
         self.run, self.index, self.residual_of, self.call = run, index, residual_of, call
-        self.taylor_order = taylor_order
+        self.taylor_order, self.taylor = taylor_order, taylor
 
     def forward(self, *args):
         b = self.call.branch
@@ -129,16 +126,19 @@ class CachedSegment(torch.nn.Module):
                                         for o, j in zip(outs, self.residual_of)]
             b.has_cache = True
             return outs
-        cached = []
-        for c, j in zip(b.caches[self.index], self.residual_of):
+        cached, coefs = [], None
+        for m, (c, j) in enumerate(zip(b.caches[self.index], self.residual_of)):
             if j is None:                        # an output with no input to pair with: reused as it was
                 cached.append(c)
                 continue
             residual, size, stride = c
             x = args[j]
             if self.taylor_order:                # residual is a TaylorSeries
-                out = self._layout(size, stride, x.dtype, x).copy_(x)
-                cached.append(residual.add_to(out, self.call.step - b.computed_steps[-1]))
+                if coefs is None:
+                    coefs = taylor_coefficients(self.taylor_order, self.call.step - b.computed_steps[-1], x.device)
+                out = self._layout(size, stride, x.dtype, x)
+                self.taylor[m](out, x, residual.derivs, coefs)
+                cached.append(out)
             else:
                 cached.append(torch.add(x, residual, out=self._layout(size, stride, residual.dtype, x)))
         return tuple(cached)
@@ -175,7 +175,7 @@ class Plain(torch.nn.Module):
 class CachedGraph:
     """The callable the backend returns to dynamo for a graph with a block chain."""
 
-    def __init__(self, plan: SplitPlan, segments: list[Callable], state: ModelState,
+    def __init__(self, plan: SplitPlan, segments: list[Callable], taylor: dict[int, list], state: ModelState,
                  timestep_inputs: dict[int, str], shape_inputs: list[int]):
         self.plan, self.state = plan, state
         self.timestep_inputs, self.timestep_names = list(timestep_inputs), list(timestep_inputs.values())
@@ -189,8 +189,8 @@ class CachedGraph:
             if k == plan.gate_segment:
                 mod = FnGate(run, plan.gate_hidden_in, self.call, policy, state)
             elif seg.kind == "mid":
-                taylor = state.config.taylorseer_order if state.config.enable_taylorseer else 0
-                mod = CachedSegment(run, k, seg.residual_of, self.call, taylor)
+                order = state.config.taylorseer_order if state.config.enable_taylorseer else 0
+                mod = CachedSegment(run, k, seg.residual_of, self.call, order, taylor.get(k))
             else:
                 mod = Plain(run)
             setattr(plan.parent, seg.module_name, mod)
