@@ -19,9 +19,11 @@ class JointBlock(torch.nn.Module):
         return joint[:, :txt.shape[1]] * 2, joint[:, txt.shape[1]:]
 
 
-def inputs(tokens: int, dim: int, dtype: torch.dtype, seed: int = 0):
+def inputs(tokens: int, dim: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g).to(dtype)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
     return [r(2, 3, dim), r(2, tokens, dim), r(2, tokens, dim), r(2, 1, dim)], r(2, tokens, dim)
 
 
@@ -49,11 +51,13 @@ def test_fused_graph_returns_the_outputs_the_residual_and_its_relative_l1(tokens
 
 
 @pytest.mark.inductor
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_graph_through_inductor_matches_the_eager_gate(dtype):
+def test_fused_graph_through_inductor_matches_the_eager_gate(dtype, device):
     """Inductor takes the residual from the output before rounding it to dtype: one ulp of the output."""
     gm = fx.symbolic_trace(JointBlock())
-    args, prev = inputs(127, 64, dtype)
+    args, prev = inputs(127, 64, dtype, device=device)
     fused = fuse_gate_diff(gm, hidden_in=1, hidden_out=1)
     torch._dynamo.reset()
     *outs, residual, diff = torch.compile(fused, backend="inductor", dynamic=False)(*args, prev)
@@ -77,7 +81,8 @@ def test_gate_diffs_through_inductor_are_the_relative_l1_of_the_fn_residual():
         for t in ts:
             compiled(x, torch.tensor([t]))
     s = cachec.summary(compiled)
-    temb = lambda v: model.temb(torch.tensor([v]))
+    def temb(v):
+        return model.temb(torch.tensor([v]))
     last = 0
     assert s.computed_steps[0] == 0 and len(s.residual_diffs) == len(ts) - 1
     for step in range(1, len(ts)):

@@ -31,7 +31,11 @@ bench/kernels.py --quick (ranges are load noise from a concurrent job):
 Compiling wins for apply but not for update: inductor writes all orders to
 a scratch buffer, recomputing each from every order, then copies it back into
 derivs (read from its generated C++): ~78 bytes per element against the
-kernel's 26. CUDA numbers (kernel vs compiled reference) are still to be taken.
+kernel's 26. So cachec's runtime calls taylor_update_ (the kernel on CUDA, the
+eager reference elsewhere), while a cached step runs inductor's code for
+apply (cachec/passes/taylor.py: it also writes strided outputs, which this
+kernel does not). taylor_apply stays here for bench/kernels.py, whose GPU
+rows compare it with the compiled reference; no GPU was lent to take them.
 """
 
 from __future__ import annotations

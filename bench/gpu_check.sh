@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU checks of the kernels in one go: kernel tests without the
+# interpreter, the fused-gate tests, and bench/kernels.py at FLUX / Wan sizes.
+# Logs and the PNG go to $OUT (the device tool's folder) or out/.
+#
+#   bash bench/gpu_check.sh
+#
+# Needs torch with CUDA, triton, pytest and hypothesis. Wheels put in .whl/
+# (pip download --no-deps hypothesis ...) are installed to /tmp/site first.
+set -uo pipefail
+out=${OUT:-out}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+python3 - <<'PY' 2>&1 | tee "$out/gpu.txt"
+import torch, triton
+print("torch", torch.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda)
+print(torch.cuda.get_device_name(), "| capability", torch.cuda.get_device_capability())
+PY
+OMP_NUM_THREADS=1 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gate_diff.py \
+    2>&1 | tee "$out/tests.log"
+tests=$?
+python3 bench/kernels.py --png "$out/kernels.png" 2>&1 | tee "$out/kernels.txt"
+exit $(( tests || $? ))
