@@ -20,7 +20,7 @@ import torch, triton
 print("torch", torch.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda)
 print(torch.cuda.get_device_name(), "| capability", torch.cuda.get_device_capability())
 PY
-OMP_NUM_THREADS=1 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gate_diff.py \
+OMP_NUM_THREADS=1 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_residuals.py \
     2>&1 | tee "$out/tests.log"
 tests=$?
 python3 bench/kernels.py --png "$out/kernels.png" 2>&1 | tee "$out/kernels.txt"

@@ -31,7 +31,7 @@ import cachec.kernels as K  # noqa: E402
 RL1 = importlib.import_module("cachec.kernels.relative_l1")
 TAY = importlib.import_module("cachec.kernels.taylor")
 FP8 = importlib.import_module("cachec.kernels.fp8_a2a")
-GATE = importlib.import_module("cachec.passes.gate_diff")
+GATE = importlib.import_module("cachec.passes.residuals")
 
 ORDER = 2
 WORLD = 4

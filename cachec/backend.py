@@ -16,7 +16,7 @@ from torch._guards import TracingContext, detect_fake_mode, tracing
 
 from .options import BackendOptions, parse_options
 from .passes import NoBlockChain, find_graph_inputs, plan_graph
-from .passes.gate_diff import fuse_gate_diff
+from .passes.residuals import fuse_gate_diff, fuse_residuals
 from .passes.taylor import taylor_apply_graph
 from .passes.split import SplitPlan
 from .runtime import CachedGraph, ModelState, summarize
@@ -113,7 +113,7 @@ def _inner_compiler(opts: BackendOptions, fake_mode) -> Callable[[fx.GraphModule
 
 def _gate_graph(compile_graph: Callable, plan: SplitPlan, fake_mode) -> Callable:
     """The Fn segment compiled with the gate's residual and relative L1 fused in
-    (``passes.gate_diff``, where the measurement that chose this is)."""
+    (``passes.residuals``, where the measurement that chose this is)."""
     seg = plan.segments[plan.gate_segment]
     gm = fuse_gate_diff(plan.submodule(seg), plan.gate_hidden_in, plan.gate_hidden_out)
     hidden = plan.example_values[seg.input_names[plan.gate_hidden_in]]
@@ -203,9 +203,15 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
     }
     fake_mode = detect_fake_mode(example_inputs) or TracingContext.get().fake_mode
     compile_graph = _inner_compiler(opts, fake_mode)
-    segments = [_gate_graph(compile_graph, plan, fake_mode) if k == plan.gate_segment
-                else compile_graph(plan.submodule(seg), plan.example_inputs(seg))
-                for k, seg in enumerate(plan.segments)]
+    segments = []
+    for k, seg in enumerate(plan.segments):
+        if k == plan.gate_segment:
+            segments.append(_gate_graph(compile_graph, plan, fake_mode))
+        elif seg.kind == "mid":   # returns the residuals it stores after its outputs
+            segments.append(compile_graph(fuse_residuals(plan.submodule(seg), seg.residual_of),
+                                          plan.example_inputs(seg)))
+        else:
+            segments.append(compile_graph(plan.submodule(seg), plan.example_inputs(seg)))
     taylor = _taylor_graphs(compile_graph, plan, cfg.taylorseer_order, fake_mode) if cfg.enable_taylorseer else {}
     timesteps = {i: inputs.name(i) for i in inputs.timestep_candidates}
     return CachedGraph(plan, segments, taylor, state, timesteps, inputs.user_inputs)

@@ -10,19 +10,20 @@ The passes run in this order (see ``plan_graph``):
 4. ``split_chain``         prologue | Fn | middle | Bn | epilogue segments,
                            with the residual pairing of each gated segment
 
-then the backend runs ``fuse_gate_diff`` on the Fn segment: the gate's
-residual and relative L1 compile into the Fn code.
+then the backend runs ``fuse_gate_diff`` on the Fn segment (the gate's
+residual and relative L1 compile into the Fn code) and ``fuse_residuals`` on
+each middle segment (the residuals a computed step stores, likewise).
 """
 from .inputs import GraphInputs, find_graph_inputs
 from .loops import Block, BlockLoop, find_block_loops
 from .chain import BlockChain, find_block_chain, NoBlockChain
 from .split import Segment, SplitPlan, split_chain
-from .gate_diff import fuse_gate_diff
+from .residuals import fuse_gate_diff, fuse_residuals
 
 __all__ = [
     "GraphInputs", "find_graph_inputs", "Block", "BlockLoop", "find_block_loops",
     "BlockChain", "find_block_chain", "NoBlockChain", "Segment", "SplitPlan", "split_chain",
-    "plan_graph", "fuse_gate_diff",
+    "plan_graph", "fuse_gate_diff", "fuse_residuals",
 ]
 
 

@@ -27,7 +27,7 @@ class _Call:
 class FnGate(torch.nn.Module):
     """Runs the first-blocks segment, then decides whether the middle computes.
 
-    ``run`` is the Fn segment with the gate fused in (``passes.gate_diff``): it
+    ``run`` is the Fn segment with the gate fused in (``passes.residuals``): it
     takes the stored residual as one more input and returns the segment's
     outputs, then this step's residual and its relative L1 change.
     """
@@ -99,6 +99,10 @@ class TaylorSeries:
 class CachedSegment(torch.nn.Module):
     """A middle segment: computes and stores its residuals, or reuses them.
 
+    ``run`` is the segment compiled with its residuals fused in
+    (``passes.residuals.fuse_residuals``): outputs first, then one residual
+    per output paired with an input.
+
     With TaylorSeer (``taylor`` holds a compiled ``passes.taylor`` graph per
     output) a cached step extrapolates each residual from its derivative table
     instead of reusing it as it was.
@@ -118,14 +122,15 @@ class CachedSegment(torch.nn.Module):
     def forward(self, *args):
         b = self.call.branch
         if b.computing:
-            outs = self.run(*args)
+            outs = self.run(*args)          # the outputs, then the residual of each paired one
+            outs, residuals = outs[:len(self.residual_of)], iter(outs[len(self.residual_of):])
             if self.taylor_order:
-                self._update_taylor(b, outs, args)
+                self._update_taylor(b, outs, residuals)
             else:
-                b.caches[self.index] = [o if j is None else (o - args[j], o.size(), o.stride())
+                b.caches[self.index] = [o if j is None else (next(residuals), o.size(), o.stride())
                                         for o, j in zip(outs, self.residual_of)]
             b.has_cache = True
-            return outs
+            return tuple(outs)
         cached, coefs = [], None
         for m, (c, j) in enumerate(zip(b.caches[self.index], self.residual_of)):
             if j is None:                        # an output with no input to pair with: reused as it was
@@ -143,7 +148,7 @@ class CachedSegment(torch.nn.Module):
                 cached.append(torch.add(x, residual, out=self._layout(size, stride, residual.dtype, x)))
         return tuple(cached)
 
-    def _update_taylor(self, b: BranchState, outs, args) -> None:
+    def _update_taylor(self, b: BranchState, outs, residuals) -> None:
         steps = b.computed_steps           # the gate has recorded this step already
         n = steps[-1] - steps[-2] if len(steps) > 1 else 1
         old = b.caches.get(self.index)
@@ -153,7 +158,7 @@ class CachedSegment(torch.nn.Module):
                 entries.append(o)
                 continue
             series = old[m][0] if old is not None else TaylorSeries(self.taylor_order)
-            series.update(o - args[j], n)
+            series.update(next(residuals), n)
             entries.append((series, o.size(), o.stride()))
         b.caches[self.index] = entries
 

@@ -1,11 +1,11 @@
-"""The Fn segment with the gate's residual and relative L1 fused in (passes.gate_diff)."""
+"""Segments with their residuals, and the gate's relative L1, fused in (passes.residuals)."""
 import pytest
 import torch
 import torch.fx as fx
 from hypothesis import given, settings, strategies as st
 
 import cachec
-from cachec.passes.gate_diff import fuse_gate_diff
+from cachec.passes.residuals import fuse_gate_diff, fuse_residuals
 from toy import ToyDiT
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -50,6 +50,23 @@ def test_fused_graph_returns_the_outputs_the_residual_and_its_relative_l1(tokens
     assert float(diff) == pytest.approx(rel_l1(prev, residual), rel=1e-5)
 
 
+@settings(max_examples=10, deadline=None)
+@given(tokens=st.sampled_from([1, 127]), dtype=st.sampled_from(DTYPES),
+       residual_of=st.sampled_from([[0, 1], [None, 1], [0, None], [None, None]]))
+def test_fused_middle_returns_its_outputs_then_the_residual_of_each_paired_one(tokens, dtype, residual_of):
+    gm = fx.symbolic_trace(JointBlock())
+    args, _ = inputs(tokens, 8, dtype)
+    *got, = fuse_residuals(gm, residual_of)(*args)
+    want = gm(*args)
+    paired = [(w, args[j]) for w, j in zip(want, residual_of) if j is not None]
+    assert len(got) == len(want) + len(paired)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    for r, (w, x) in zip(got[len(want):], paired):
+        assert r.is_contiguous()
+        torch.testing.assert_close(r, w - x, rtol=0, atol=0)
+
+
 @pytest.mark.inductor
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))])
@@ -70,7 +87,7 @@ def test_fused_graph_through_inductor_matches_the_eager_gate(dtype, device):
 
 
 @pytest.mark.inductor
-def test_gate_diffs_through_inductor_are_the_relative_l1_of_the_fn_residual():
+def test_residualss_through_inductor_are_the_relative_l1_of_the_fn_residual():
     """The toy's Fn residual is w0 * temb(t): the recorded diffs are known by hand."""
     torch._dynamo.reset()
     model = ToyDiT(4)
