@@ -40,49 +40,21 @@ Fused is kept: never slower beyond the noise, one mechanism with the gate.
 from __future__ import annotations
 
 import copy
-import operator
 
 import torch
 import torch.fx as fx
 
 from ..kernels.relative_l1 import relative_l1_reference
 
-__all__ = ["fuse_gate_diff", "fuse_residuals", "gate_residual_and_diff"]
-
-
-def gate_residual_and_diff(out: torch.Tensor, inp: torch.Tensor, prev: torch.Tensor):
-    """The residual of the first blocks (contiguous) and its relative L1 change against ``prev``."""
-    residual = (out - inp).contiguous()
-    return residual, relative_l1_reference(prev, residual)
+__all__ = ["fuse_gate_diff", "fuse_residuals"]
 
 
 def _residual(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
     return (out - inp).contiguous()
 
 
-def _copy(gm: fx.GraphModule):
-    graph = copy.deepcopy(gm.graph)
-    return graph, list(graph.find_nodes(op="placeholder")), next(iter(graph.find_nodes(op="output")))
-
-
-def fuse_gate_diff(fn: fx.GraphModule, hidden_in: int, hidden_out: int) -> fx.GraphModule:
-    """A copy of the Fn segment that takes the stored residual as one more input
-    and returns its outputs followed by ``residual`` and ``relative_l1`` (0-d fp32).
-
-    ``prev`` must be contiguous and shaped like the hidden states; where there
-    is none yet, any such tensor (zeros) gives a diff the caller ignores.
-    """
-    graph, placeholders, out_node = _copy(fn)
-    outs = tuple(out_node.args[0])
-    with graph.inserting_after(placeholders[-1]):
-        prev = graph.placeholder("cachec_prev_residual")
-    with graph.inserting_before(out_node):
-        both = graph.call_function(gate_residual_and_diff, (outs[hidden_out], placeholders[hidden_in], prev))
-        residual = graph.call_function(operator.getitem, (both, 0))
-        diff = graph.call_function(operator.getitem, (both, 1))
-    out_node.args = (outs + (residual, diff),)
-    graph.lint()
-    return fx.GraphModule(fn, graph)
+def _output(graph: fx.Graph) -> fx.Node:
+    return next(iter(graph.find_nodes(op="output")))
 
 
 def fuse_residuals(mid: fx.GraphModule, residual_of: list) -> fx.GraphModule:
@@ -93,7 +65,8 @@ def fuse_residuals(mid: fx.GraphModule, residual_of: list) -> fx.GraphModule:
     What a computed step stores for the cached ones, written by the code that
     writes the outputs instead of by one eager subtraction each.
     """
-    graph, placeholders, out_node = _copy(mid)
+    graph = copy.deepcopy(mid.graph)
+    placeholders, out_node = list(graph.find_nodes(op="placeholder")), _output(graph)
     outs = tuple(out_node.args[0])
     with graph.inserting_before(out_node):
         residuals = tuple(graph.call_function(_residual, (o, placeholders[j]))
@@ -101,3 +74,24 @@ def fuse_residuals(mid: fx.GraphModule, residual_of: list) -> fx.GraphModule:
     out_node.args = (outs + residuals,)
     graph.lint()
     return fx.GraphModule(mid, graph)
+
+
+def fuse_gate_diff(fn: fx.GraphModule, hidden_in: int, hidden_out: int) -> fx.GraphModule:
+    """A copy of the Fn segment that takes the stored residual as one more input
+    and returns its outputs followed by ``residual`` and ``relative_l1`` (0-d fp32).
+
+    ``prev`` must be contiguous and shaped like the hidden states; where there
+    is none yet, any such tensor (zeros) gives a diff the caller ignores.
+    """
+    n_outs = len(_output(fn.graph).args[0])
+    gm = fuse_residuals(fn, [hidden_in if i == hidden_out else None for i in range(n_outs)])
+    graph, out_node = gm.graph, _output(gm.graph)
+    outs = tuple(out_node.args[0])
+    with graph.inserting_after(list(graph.find_nodes(op="placeholder"))[-1]):
+        prev = graph.placeholder("cachec_prev_residual")
+    with graph.inserting_before(out_node):
+        diff = graph.call_function(relative_l1_reference, (prev, outs[-1]))
+    out_node.args = (outs + (diff,),)
+    graph.lint()
+    gm.recompile()
+    return gm

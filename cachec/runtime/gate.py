@@ -190,11 +190,11 @@ class CachedGraph:
         self.prev_t: list = []
         self.call = _Call()
         policy = DBCachePolicy(state.config)
+        order = state.config.taylorseer_order if state.config.enable_taylorseer else 0
         for k, (seg, run) in enumerate(zip(plan.segments, segments)):
             if k == plan.gate_segment:
                 mod = FnGate(run, plan.gate_hidden_in, self.call, policy, state)
             elif seg.kind == "mid":
-                order = state.config.taylorseer_order if state.config.enable_taylorseer else 0
                 mod = CachedSegment(run, k, seg.residual_of, self.call, order, taylor.get(k))
             else:
                 mod = Plain(run)
