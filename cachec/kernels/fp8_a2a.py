@@ -41,6 +41,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._op import kernel_op
+
 try:
     import triton
     import triton.language as tl
@@ -265,7 +267,7 @@ def _use_triton(t: Tensor) -> bool:
     return torch.cuda.get_device_capability(t.device) >= (8, 9)
 
 
-@torch.library.triton_op("cachec::quantize_fp8_seq_to_head", mutates_args=())
+@kernel_op("cachec::quantize_fp8_seq_to_head", mutates_args=())
 def _quantize_op(x: Tensor, world: int) -> tuple[Tensor, Tensor]:
     # Explicit device branch: under AOTAutograd triton_op calls this function
     # directly, so register_kernel("cpu") would be bypassed (torch 2.13).
@@ -284,7 +286,7 @@ def _quantize_fake(x: Tensor, world: int) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
-@torch.library.triton_op("cachec::dequantize_fp8_head_to_seq", mutates_args=())
+@kernel_op("cachec::dequantize_fp8_head_to_seq", mutates_args=())
 def _dequantize_op(q: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
     _check_dequantize(q, scale, out_dtype)
     if _use_triton(q):

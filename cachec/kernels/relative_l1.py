@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._op import kernel_op
+
 try:
     import triton
     import triton.language as tl
@@ -213,7 +215,7 @@ def _relative_l1_triton(prev: Tensor, cur: Tensor) -> Tensor:
     return out
 
 
-@torch.library.triton_op("cachec::relative_l1", mutates_args=())
+@kernel_op("cachec::relative_l1", mutates_args=())
 def _relative_l1_op(prev: Tensor, cur: Tensor) -> Tensor:
     # An explicit device branch, not register_kernel("cpu"): under AOTAutograd
     # triton_op calls this function directly on FunctionalTensors, bypassing

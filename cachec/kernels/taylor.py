@@ -45,6 +45,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._op import kernel_op
+
 try:
     import triton
     import triton.language as tl
@@ -193,7 +195,7 @@ def _taylor_apply_triton(base: Tensor, derivs: Tensor, k: float) -> Tensor:
     return out
 
 
-@torch.library.triton_op("cachec::taylor_update", mutates_args={"derivs"})
+@kernel_op("cachec::taylor_update", mutates_args={"derivs"})
 def _taylor_update_op(derivs: Tensor, new: Tensor, n: float) -> None:
     # Explicit device branch: under AOTAutograd triton_op calls this function
     # directly, so register_kernel("cpu") would be bypassed (torch 2.13).
@@ -209,7 +211,7 @@ def _taylor_update_fake(derivs: Tensor, new: Tensor, n: float) -> None:
     _check_update(derivs, new, n)
 
 
-@torch.library.triton_op("cachec::taylor_apply", mutates_args=())
+@kernel_op("cachec::taylor_apply", mutates_args=())
 def _taylor_apply_op(base: Tensor, derivs: Tensor, k: float) -> Tensor:
     _check_apply(base, derivs, k)
     if triton is not None and base.device.type == "cuda":
