@@ -9,20 +9,24 @@ import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 
 from .chain import BlockChain, NoBlockChain
-from .inputs import example_value
+from .inputs import example_value, is_module_state
+from .roles import same_layout, trace_skip_paths
+
 
 @dataclass
 class Segment:
-    # prologue, fn, glue, mid, bn or epilogue. Only "mid" segments are gated;
-    # "glue" joins two stretches whose carried shapes differ (text and image
-    # tokens concatenated) and always runs, like the rest.
+    # prologue, fn, glue, mid, always, bn or epilogue. Only "mid" segments are
+    # gated. "glue" joins two stretches whose carried shapes differ (text and
+    # image tokens concatenated); "always" holds middle blocks whose residual
+    # roles could not be proven. Both always run, like the rest.
     kind: str
     blocks: list[str]
     module_name: str = ""                       # submodule name in the split parent
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
-    # mid segments: for each output, the index of the input it is a residual of
-    # (None: the output is reused as a value on cached steps)
+    # mid segments: for each output, the index of the input it continues (its
+    # residual is output - input), or None: no input to pair with, so the output
+    # is reused as a value on cached steps
     residual_of: list[int | None] = field(default_factory=list)
 
 
@@ -34,6 +38,7 @@ class SplitPlan:
     gate_hidden_in: int        # its input index of the hidden states
     gate_hidden_out: int       # its output index of the hidden states
     example_values: dict[str, object]   # original node name -> fake value
+    unproven: dict[str, list[str]] = field(default_factory=dict)   # block -> outputs of unproven role
 
     def submodule(self, seg: Segment) -> fx.GraphModule:
         return getattr(self.parent, seg.module_name)
@@ -41,31 +46,21 @@ class SplitPlan:
     def example_inputs(self, seg: Segment) -> list:
         return [self.example_values[n] for n in seg.input_names]
 
-
-def _shape_key(n: fx.Node) -> tuple:
-    v = example_value(n)
-    return (str(v.dtype), tuple(str(d) for d in v.shape)) if isinstance(v, torch.Tensor) else None
-
-
-def pair_residuals(inputs: list[fx.Node], outputs: list[fx.Node]) -> list[int | None]:
-    """For each output, the carried input of the same shape and dtype it replaces.
-
-    Both lists are in order of first use, so when the hidden and encoder states
-    happen to share a shape the order decides, as the blocks read them.
-    """
-    free = list(range(len(inputs)))
-    pairs: list[int | None] = []
-    for o in outputs:
-        j = next((j for j in free if _shape_key(inputs[j]) == _shape_key(o)), None)
-        if j is not None:
-            free.remove(j)
-        pairs.append(j)
-    return pairs
+    def unpaired(self) -> list[str]:
+        """Middle outputs with no input to pair with: reused as values on cached steps."""
+        return [o for s in self.segments if s.kind == "mid" for o, j in zip(s.output_names, s.residual_of)
+                if j is None]
 
 
-def _pieces(chain: BlockChain, Fn: int, Bn: int) -> list[tuple[str, int, int]]:
+def _pieces(chain: BlockChain, Fn: int, Bn: int, always: set[int]) -> list[tuple[str, int, int]]:
     n = len(chain.blocks)
-    role = lambda b: "fn" if b < Fn else ("bn" if b >= n - Bn else "mid")
+
+    def role(b: int) -> str:
+        if b < Fn:
+            return "fn"
+        if b >= n - Bn:
+            return "bn"
+        return "always" if b in always else "mid"
     pieces: list[list] = []
     for b in range(n):
         if pieces and pieces[-1][0] == role(b) and b not in chain.stretch_starts:
@@ -75,14 +70,63 @@ def _pieces(chain: BlockChain, Fn: int, Bn: int) -> list[tuple[str, int, int]]:
     return [tuple(p) for p in pieces]
 
 
+def _begin(chain: BlockChain, b: int) -> int:
+    """Graph position where block ``b``'s segment starts: glue between two
+    same-shaped stretches travels with the block after it."""
+    blocks = chain.blocks
+    return blocks[b].first if (b == 0 or b in chain.stretch_starts) else blocks[b - 1].last + 1
+
+
+def _starts(chain: BlockChain, Fn: int, Bn: int, always: set[int]) -> list[tuple[int, str, list[str]]]:
+    """(start position, kind, block names) of each segment, in graph order."""
+    blocks = chain.blocks
+    starts: list[tuple[int, str, list[str]]] = [(0, "prologue", [])]
+    for kind, s, e in _pieces(chain, Fn, Bn, always):
+        if s in chain.stretch_starts and blocks[s - 1].last + 1 < blocks[s].first:
+            starts.append((blocks[s - 1].last + 1, "glue", []))
+        starts.append((_begin(chain, s), kind, [b.name for b in blocks[s:e + 1]]))
+    starts.append((blocks[-1].last + 1, "epilogue", []))
+    return starts
+
+
+def _carried(nodes: list[fx.Node], used: list[fx.Node], since: int, pos: dict) -> list[fx.Node]:
+    """The tensors among ``used`` made at or after position ``since``: what the previous block handed on."""
+    return [a for a in used if pos[a] >= since and isinstance(example_value(a), torch.Tensor)
+            and not (a.op == "placeholder" and is_module_state(a))]
+
+
+def _roles(nodes: list[fx.Node], pos: dict, begin: int, end: int, inputs: list[fx.Node],
+           outputs: list[fx.Node], since: int) -> tuple[list[int | None], list[str]]:
+    """For a run of nodes ``[begin, end]``: per output, the index in ``inputs`` of the
+    carried input it continues (or None), and the outputs that are shaped like a
+    carried input but continue none (their role is not proven)."""
+    carried = _carried(nodes, inputs, since, pos)
+    sources = trace_skip_paths(nodes[begin:end + 1], carried, outputs)
+    residual_of = [None if s is None else inputs.index(s) for s in sources]
+    unproven = [o.name for o, s in zip(outputs, sources) if s is None and any(same_layout(o, c) for c in carried)]
+    return residual_of, unproven
+
+
+def _run_io(nodes: list[fx.Node], pos: dict, begin: int, end: int) -> tuple[list[fx.Node], list[fx.Node]]:
+    """Inputs (made before ``begin``) and outputs (used after ``end``) of the nodes ``[begin, end]``."""
+    inside = nodes[begin:end + 1]
+    inputs = list(dict.fromkeys(a for n in inside for a in n.all_input_nodes if pos[a] < begin))
+    outputs = [n for n in inside if any(pos[u] > end for u in n.users)]
+    return inputs, outputs
+
+
 def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int) -> SplitPlan:
     """Split ``gm`` around the chain.
 
     Expects ``Fn >= 1``, ``Bn >= 0`` and ``Fn + Bn`` below the chain length.
     Guarantees: the parent graph calls one submodule per segment, in order,
-    each returning a tuple; every block belongs to exactly one fn/mid/bn
-    segment; a mid segment never crosses a stretch boundary, so each of its
-    outputs that has a same-shaped carried input gets a residual pairing.
+    each returning a tuple; every block belongs to exactly one fn/mid/always/bn
+    segment; a mid segment never crosses a stretch boundary. Every output of a
+    mid segment shaped like one of its carried inputs continues one of them,
+    proven by data flow (``passes.roles``); blocks where that cannot be proven
+    go to "always" segments, which run on every step, and are listed in
+    ``unproven``. Raises ``NoBlockChain`` when no middle block is left, or when
+    the first Fn blocks' hidden-state output cannot be proven.
     """
     n = len(chain.blocks)
     if Fn + Bn >= n:
@@ -93,15 +137,51 @@ def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int) -> Spli
     nodes = list(gm.graph.nodes)
     pos = {nd: i for i, nd in enumerate(nodes)}
     blocks = chain.blocks
-    # (start position, kind, block names) of each segment, in graph order
-    starts: list[tuple[int, str, list[str]]] = [(0, "prologue", [])]
-    for kind, s, e in _pieces(chain, Fn, Bn):
-        if s in chain.stretch_starts and blocks[s - 1].last + 1 < blocks[s].first:
-            starts.append((blocks[s - 1].last + 1, "glue", []))
-        # glue between two same-shaped stretches travels with the segment after it
-        begin = blocks[s].first if (s == 0 or s in chain.stretch_starts) else blocks[s - 1].last + 1
-        starts.append((begin, kind, [b.name for b in blocks[s:e + 1]]))
-    starts.append((blocks[-1].last + 1, "epilogue", []))
+    unproven: dict[str, list[str]] = {}
+    for b in range(Fn, n - Bn):   # each candidate middle block on its own
+        begin, end = _begin(chain, b), blocks[b].last
+        _, missing = _roles(nodes, pos, begin, end, *_run_io(nodes, pos, begin, end), blocks[b - 1].first)
+        if missing:
+            unproven[blocks[b].name] = missing
+    by_name = {nd.name: nd for nd in nodes}
+    while True:   # a run of proven blocks is proven too, unless glue between them breaks the path
+        always = {b for b in range(n) if blocks[b].name in unproven}
+        starts = _starts(chain, Fn, Bn, always)
+        parent, segments, spans = _split(gm, starts, pos)
+        if not any(s.kind == "mid" for s in segments):
+            raise NoBlockChain("no middle block returns outputs whose roles are proven by data flow ("
+                               + "; ".join(f"{b}: {', '.join(o)}" for b, o in unproven.items()) + ")")
+        grown = False
+        for seg, (begin, end) in zip(segments, spans):
+            if seg.kind == "mid":
+                first = next(i for i, b in enumerate(blocks) if b.name == seg.blocks[0])
+                seg.residual_of, missing = _roles(
+                    nodes, pos, begin, end, [by_name[x] for x in seg.input_names],
+                    [by_name[x] for x in seg.output_names], blocks[first - 1].first)
+                if missing:
+                    unproven.update({b: missing for b in seg.blocks})
+                    grown = True
+        if not grown:
+            break
+    gate = next(i for i, s in enumerate(segments) if s.kind == "fn")
+    g = segments[gate]
+    hidden_in = g.input_names.index(chain.hidden_in.name)
+    begin, end = spans[gate]
+    g_inputs = [by_name[x] for x in g.input_names]
+    sources = trace_skip_paths(nodes[begin:end + 1], [x for x in g_inputs if x in chain.carried_in[0]],
+                               [by_name[x] for x in g.output_names])
+    outs = [i for i, src in enumerate(sources) if src is chain.hidden_in]
+    if not outs:
+        raise NoBlockChain(f"no output of the first {Fn} block(s) continues the hidden states "
+                           f"'{chain.hidden_in.name}' along a residual path (adds, casts, cat and slices)")
+    handed_on = set(chain.carried_in[Fn])   # the stream the next block reads, over skip values kept for later
+    hidden_out = next((i for i in outs if by_name[g.output_names[i]] in handed_on), outs[0])
+    values = {nd.name: example_value(nd) for nd in nodes}
+    return SplitPlan(parent, segments, gate, hidden_in, hidden_out, values, unproven)
+
+
+def _split(gm: fx.GraphModule, starts: list[tuple[int, str, list[str]]], pos: dict):
+    """``split_module`` at the start positions; the segments and their ``[begin, end]`` positions."""
     bounds = [p for p, _, _ in starts]
 
     def partition(node: fx.Node) -> int:
@@ -109,51 +189,14 @@ def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int) -> Spli
 
     parent = split_module(gm, None, partition, keep_original_order=True,
                           keep_original_node_name=True, tuple_return=True)
-    by_name = {nd.name: nd for nd in nodes}
-    segments: list[Segment] = []
-    calls = [nd for nd in parent.graph.nodes if nd.op == "call_module"]
-    call_of = {int(c.target.rsplit("_", 1)[1]): c for c in calls}
-    for k, (_, kind, names) in enumerate(starts):
-        if k not in call_of:        # an empty segment (no prologue nodes, say)
+    calls = {int(c.target.rsplit("_", 1)[1]): c for c in parent.graph.nodes if c.op == "call_module"}
+    segments, spans = [], []
+    for k, (begin, kind, names) in enumerate(starts):
+        if k not in calls:        # an empty segment (no prologue nodes, say)
             continue
-        sub = getattr(parent, call_of[k].target)
+        sub = getattr(parent, calls[k].target)
         ins = [p.name for p in sub.graph.find_nodes(op="placeholder")]
         out_node = next(iter(sub.graph.find_nodes(op="output")))
-        outs = [a.name for a in out_node.args[0]]
-        segments.append(Segment(kind, names, call_of[k].target, ins, outs))
-    block_at = {b.name: i for i, b in enumerate(chain.blocks)}
-    for seg in segments:
-        if seg.kind == "mid":
-            prev_first = chain.blocks[block_at[seg.blocks[0]] - 1].first
-            carried = [by_name[x] for x in seg.input_names
-                       if pos[by_name[x]] >= prev_first and isinstance(example_value(by_name[x]), torch.Tensor)]
-            seg.residual_of = _residual_pairs(seg, carried, by_name, pos)
-    gate = next(i for i, s in enumerate(segments) if s.kind == "fn")
-    g = segments[gate]
-    hidden_in = g.input_names.index(chain.hidden_in.name)
-    pairs = _residual_pairs(g, [by_name[x] for x in g.input_names if by_name[x] in chain.carried_in[0]], by_name, pos)
-    if hidden_in not in pairs:
-        raise NoBlockChain(f"the first {Fn} block(s) return no tensor shaped like the hidden states "
-                           f"'{chain.hidden_in.name}' they take")
-    hidden_out = pairs.index(hidden_in)
-    values = {nd.name: example_value(nd) for nd in nodes}
-    return SplitPlan(parent, segments, gate, hidden_in, hidden_out, values)
-
-
-def _residual_pairs(seg: Segment, carried: list[fx.Node], by_name: dict, pos: dict) -> list[int | None]:
-    """For each output of ``seg``, the input index it is a residual of (or None).
-
-    Carried inputs are ordered by their first use, outputs by their first use
-    after the segment: blocks read hidden and encoder states in a starts order,
-    which settles the pairing when both have the same shape.
-    """
-    first_use = lambda nd: min((pos[u] for u in nd.users), default=len(pos))
-    carried = sorted(carried, key=first_use)
-    outs = [by_name[x] for x in seg.output_names]
-    order = sorted(range(len(outs)), key=lambda i: first_use(outs[i]))
-    ranked = pair_residuals(carried, [outs[i] for i in order])
-    residual_of: list[int | None] = [None] * len(outs)
-    for rank, i in enumerate(order):
-        j = ranked[rank]
-        residual_of[i] = None if j is None else seg.input_names.index(carried[j].name)
-    return residual_of
+        segments.append(Segment(kind, names, calls[k].target, ins, [a.name for a in out_node.args[0]]))
+        spans.append((begin, (starts[k + 1][0] if k + 1 < len(starts) else len(pos)) - 1))
+    return parent, segments, spans
