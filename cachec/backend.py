@@ -20,6 +20,7 @@ from .passes.residuals import fuse_gate_diff, fuse_residuals
 from .passes.taylor import taylor_apply_graph
 from .passes.split import SplitPlan
 from .runtime import CachedGraph, ModelState, summarize
+from .runtime.context import PipelineContext
 from .runtime.summary import CacheSummary
 
 _STATE_ATTR = "_cachec_state"
@@ -81,6 +82,7 @@ def _model_state(opts: BackendOptions, module: Optional[torch.nn.Module]) -> Mod
             holder.__dict__[_STATE_ATTR] = state
     if module is not None:
         module.__dict__[_STATE_ATTR] = state   # so cachec.summary(original module) finds it
+        state.pipeline = state.pipeline or PipelineContext.install(module)
     return state
 
 
@@ -163,8 +165,8 @@ def _plain_graph(plain: Callable, gm: fx.GraphModule, state: ModelState, why: st
         if "plain" not in state.warned and (state.graph_breaks or first is run):
             state.warned.add("plain")
             warnings.warn(_plain_message(why, inner, state.graph_breaks[:3]), CachecWarning, stacklevel=2)
-        if t_index is not None:
-            state.observed_t = (float(args[t_index].reshape(-1)[0]), t_name)
+        if t_index is not None:   # read later, in the chained graph's one sync
+            state.observed_t = (args[t_index], t_name)
         return plain(*args)
     return run
 
@@ -178,6 +180,19 @@ def _plain_message(why: str, inner: str, breaks: list[str]) -> str:
                 f" torch._dynamo.config.capture_dynamic_output_shape_ops = True set before the first call;"
                 f" a break on .numpy()/.cpu()/.tolist() or data-dependent Python needs a change to the model code.")
     return msg
+
+
+def _report_unproven(unproven: dict[str, list[str]], strict: bool, state: ModelState) -> None:
+    """Blocks left out of the cached middle because an output's role is not proven."""
+    what = "; ".join(f"{block} returns {', '.join(repr(o) for o in outs)}" for block, outs in unproven.items())
+    msg = (f"cachec: cannot prove which carried input these outputs continue ({what}): no residual path "
+           f"(adds, casts, cat and slices) leads to them from one block input of their shape. Rather than "
+           f"pair them by shape, those blocks run on every step; the rest of the middle is cached.")
+    if strict:
+        raise ValueError(msg + " (strict=True)")
+    if "unproven" not in state.warned:
+        state.warned.add("unproven")
+        warnings.warn(msg, CachecWarning, stacklevel=2)
 
 
 def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optional[dict] = None) -> Callable:
@@ -197,9 +212,13 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
             raise ValueError(f"cachec: no cacheable block chain in this graph ({why}) (strict=True)") from None
         plain = gm.forward if opts.inner_backend == "eager" else lookup_backend(opts.inner_backend)(gm, example_inputs)
         return _plain_graph(plain, gm, state, str(why), opts.inner_backend)
+    if plan.unproven:
+        _report_unproven(plan.unproven, opts.strict, state)
     state.chain_info = {
         "blocks": chain.names,
         "segments": [(s.kind, list(s.blocks)) for s in plan.segments],
+        "unpaired": plan.unpaired(),
+        "unproven": dict(plan.unproven),
     }
     fake_mode = detect_fake_mode(example_inputs) or TracingContext.get().fake_mode
     compile_graph = _inner_compiler(opts, fake_mode)

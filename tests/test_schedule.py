@@ -6,7 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import cachec
-from toy import ToyDiT, expected_output, relative_l1
+from toy import ToyDiT, fn_residual, reference_outputs, relative_l1
 
 SHAPE = (1, 3, 8)
 
@@ -29,9 +29,8 @@ def run_generation(compiled, ts, x, *, branches=1):
     return outs
 
 
-def reference_schedule(model, ts, cfg):
-    """cache-dit's DBCache rules restated as one loop over the steps (Fn diff of the toy)."""
-    temb = lambda s: model.temb(torch.tensor([s]))
+def reference_schedule(model, ts, cfg, x, Fn=1):
+    """cache-dit's DBCache rules restated as one loop over the steps (Fn diff of the toy on input ``x``)."""
     mask, static = cfg.get("steps_computation_mask"), cfg.get("steps_computation_policy") == "static"
     warmup = cfg.get("max_warmup_steps", 4)
     if mask is not None:   # cache-dit truncates warmup to the mask's leading run of 1s
@@ -53,7 +52,7 @@ def reference_schedule(model, ts, cfg):
         elif thr >= 1:
             compute = False
         else:
-            d = relative_l1(temb(ts[last]), temb(t))
+            d = relative_l1(fn_residual(model, x, ts[last], Fn), fn_residual(model, x, t, Fn))
             acc += d
             compute = d >= thr
         if compute:
@@ -64,13 +63,10 @@ def reference_schedule(model, ts, cfg):
     return computed
 
 
-def check_outputs(model, outs, ts, x, computed, Fn=1, Bn=0, branch=0):
-    last = None
-    for s, t in enumerate(ts):
-        cached = s not in computed
-        last = last if cached else t
-        want = expected_output(model, x[branch], t, last, Fn, Bn, cached)
-        torch.testing.assert_close(outs[s][branch], want, rtol=1e-5, atol=1e-5)
+def check_outputs(model, outs, ts, x, computed, Fn=1, Bn=0, branch=0, order=0):
+    want = reference_outputs(model, x[branch], ts, computed, Fn, Bn, order)
+    for s in range(len(ts)):
+        torch.testing.assert_close(outs[s][branch], want[s], rtol=1e-5, atol=1e-5, msg=lambda m: f"step {s}: {m}")
 
 
 @pytest.mark.parametrize("cfg, n, computed", [
@@ -118,27 +114,6 @@ def test_steps_computation_mask_hand_worked(mask, policy, cfg, computed):
         cachec.refresh(compiled, num_inference_steps=5)   # a new step count needs a new mask
 
 
-def taylor_reference(model, x, ts, computed, order, Fn=1, Bn=0):
-    """Outputs under TaylorSeer, from DESIGN.md's rule restated over the toy's exact residuals."""
-    ws = [b.w.item() for b in model.blocks]
-    n_blocks = len(ws)
-    def temb(t):
-        return model.temb(torch.tensor([t]))
-    always, mid = sum(ws[:Fn]) + sum(ws[n_blocks - Bn:]), sum(ws[Fn:n_blocks - Bn])
-    outs, table, last = [], [], None
-    for s, t in enumerate(ts):
-        if s in computed:
-            new = [mid * temb(t)]
-            for i in range(min(order, len(table))):
-                new.append((new[i] - table[i]) / (s - last))
-            table, last = new, s
-            outs.append(x + (always + mid) * temb(t))
-        else:
-            k = s - last
-            outs.append(x + always * temb(t) + sum(d * k ** i / math.factorial(i) for i, d in enumerate(table)))
-    return outs
-
-
 def test_taylorseer_order1_is_the_line_through_the_last_two_computed_steps():
     # computed [0, 1, 4, 7] as in the hand-worked schedule above
     model, compiled = compile_toy(residual_diff_threshold=1.0, max_warmup_steps=2, max_continuous_cached_steps=2,
@@ -146,13 +121,18 @@ def test_taylorseer_order1_is_the_line_through_the_last_two_computed_steps():
     ts, x = falling(10), [torch.randn(SHAPE)]
     outs = run_generation(compiled, ts, x)
     assert cachec.summary(compiled).computed_steps == [0, 1, 4, 7]
-    mid = sum(b.w.item() for b in model.blocks[1:])
-    def residual(step):
-        return mid * model.temb(torch.tensor([ts[step]]))
+    block0, mid = model.blocks[0], model.blocks[1:]
+    def parts(step):   # the first block's output, and the middle's residual on top of it
+        temb = model.temb(torch.tensor([ts[step]]))
+        with torch.no_grad():
+            h = block0(x[0], temb)
+            out = h
+            for b in mid:
+                out = b(out, temb)
+        return h, out - h
     for s, (c1, c2) in {2: (0, 1), 3: (0, 1), 5: (1, 4), 6: (1, 4), 8: (4, 7), 9: (4, 7)}.items():
-        line = residual(c2) + (residual(c2) - residual(c1)) * (s - c2) / (c2 - c1)
-        want = x[0] + model.blocks[0].w.item() * model.temb(torch.tensor([ts[s]])) + line
-        torch.testing.assert_close(outs[s][0], want, rtol=1e-5, atol=1e-5)
+        line = parts(c2)[1] + (parts(c2)[1] - parts(c1)[1]) * (s - c2) / (c2 - c1)
+        torch.testing.assert_close(outs[s][0], parts(s)[0] + line, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])
@@ -172,9 +152,7 @@ def test_taylorseer_follows_the_derivative_table_per_branch_and_generation(order
         s = cachec.summary(compiled)
         assert s.generation == gen and s.cached_steps
         for b, name in enumerate(s.branches):
-            want = taylor_reference(model, x[b], ts, s.branches[name].computed_steps, order, Fn=1, Bn=1)
-            for step in range(len(ts)):
-                torch.testing.assert_close(outs[step][b], want[step], rtol=1e-4, atol=1e-4)
+            check_outputs(model, outs, ts, x, s.branches[name].computed_steps, Fn=1, Bn=1, branch=b, order=order)
 
 
 def test_threshold_zero_computes_every_step_and_matches_eager():
@@ -192,10 +170,10 @@ def test_diffs_are_relative_l1_of_the_fn_residual():
     ts, x = falling(5), [torch.randn(SHAPE)]
     run_generation(compiled, ts, x)
     s = cachec.summary(compiled)
-    temb = lambda v: model.temb(torch.tensor([v]))
     last = 0
     for step in range(1, 5):
-        assert s.residual_diffs[step] == pytest.approx(relative_l1(temb(ts[last]), temb(ts[step])), rel=1e-5)
+        want = relative_l1(fn_residual(model, x[0], ts[last]), fn_residual(model, x[0], ts[step]))
+        assert s.residual_diffs[step] == pytest.approx(want, rel=1e-5)
         if step in s.computed_steps:
             last = step
 
@@ -221,12 +199,12 @@ def test_schedule_matches_reference_every_generation(cfg, n, Fn, Bn, rising, bra
         cfg = {**cfg, "steps_computation_mask": mask[:n], "steps_computation_policy": policy}
     model, compiled = compile_toy(5, **cfg, Fn_compute_blocks=Fn, Bn_compute_blocks=Bn)
     ts = falling(n)[::-1] if rising else falling(n)
-    want = reference_schedule(model, ts, cfg)
     for gen in range(3):
-        x = [torch.randn(SHAPE) for _ in range(branches)]
+        x = [torch.randn(SHAPE) * (b + 1) for b in range(branches)]
         outs = run_generation(compiled, ts, x, branches=branches)
         s = cachec.summary(compiled)
         assert s.generation == gen and s.steps == n and s.calls == n * branches
         for b, name in enumerate(s.branches):
+            want = reference_schedule(model, ts, cfg, x[b], Fn)
             assert s.branches[name].computed_steps == want, (gen, name)
             check_outputs(model, outs, ts, x, want, Fn, Bn, branch=b)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 _SIN_COS = {torch.sin, torch.cos, torch.ops.aten.sin.default, torch.ops.aten.cos.default}
 
@@ -36,6 +37,13 @@ class GraphInputs:
         return input_name(self.placeholders[index])
 
 
+def _same_size(a, b) -> bool:
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:
+        return False
+
+
 def _feeds_sinusoid(node: fx.Node, limit: int = 400) -> bool:
     seen, todo = set(), [node]
     while todo and len(seen) < limit:
@@ -55,7 +63,10 @@ def find_graph_inputs(gm: fx.GraphModule) -> GraphInputs:
 
     Guarantees: ``latent`` is the placeholder named ``hidden_states`` if there is
     one, else the first user tensor of rank >= 2. ``timestep_candidates`` are the
-    1-D float user inputs that feed a sin/cos (the sinusoidal embedding); a
+    other user inputs of rank <= 2 (shapes (), (B,), (B, 1), (B, seq_len)), of any
+    dtype but bool (int64 from UniPC / DPM-Solver pipelines), a rank-2 one led by
+    the latent's batch size (so not RoPE position ids, shaped (seq, 3)), that feed a sin/cos
+    (the sinusoidal embedding); a
     ``guidance`` input matches too, the runtime tells them apart by which one
     changes from step to step.
     """
@@ -70,9 +81,11 @@ def find_graph_inputs(gm: fx.GraphModule) -> GraphInputs:
         gi.latent = by_name["hidden_states"]
     else:
         gi.latent = next((i for i in gi.user_inputs if example_value(ph[i]).dim() >= 2), None)
+    batch = example_value(ph[gi.latent]).shape[0] if gi.latent is not None else None
     for i in gi.user_inputs:
         v = example_value(ph[i])
-        if v.dim() <= 1 and v.is_floating_point() and _feeds_sinusoid(ph[i]):
+        per_batch = v.dim() < 2 or (v.dim() == 2 and _same_size(v.shape[0], batch))   # not RoPE ids (seq, 3)
+        if i != gi.latent and per_batch and v.dtype != torch.bool and _feeds_sinusoid(ph[i]):
             gi.timestep_candidates.append(i)
     # a name that says "time" goes first; the runtime switches if another one moves instead
     gi.timestep_candidates.sort(key=lambda i: "time" not in gi.name(i) and "sigma" not in gi.name(i))

@@ -11,7 +11,9 @@ import torch
 
 from ..kernels.taylor import taylor_update_
 from ..passes.taylor import taylor_coefficients
+from ..kernels.relative_l1 import relative_l1_reference
 from ..passes.split import SplitPlan
+from .context import CallContext
 from .policy import DBCachePolicy
 from .state import BranchState, ModelState
 
@@ -19,60 +21,93 @@ from .state import BranchState, ModelState
 class _Call:
     """What the segments of one transformer call share."""
 
+    context: Optional[CallContext] = None   # the pipeline's name for the call, if it gave one
+    timesteps: list = []                     # timestep tensors to read with the gate's diff
+    shape_key: tuple = ()
+    guess: Optional[BranchState] = None      # the branch predicted before the timestep is read
     step: int = 0
-    branch_index: int = 0
     branch: BranchState
 
 
 class FnGate(torch.nn.Module):
-    """Runs the first-blocks segment, then decides whether the middle computes.
+    """Runs the first-blocks segment, places the call, then decides whether the middle computes.
 
     ``run`` is the Fn segment with the gate fused in (``passes.residuals``): it
     takes the stored residual as one more input and returns the segment's
     outputs, then this step's residual and its relative L1 change.
+
+    One host sync per call: the timestep (when the pipeline gave no step index)
+    and the diff come back together in one ``tolist``. The diff is measured
+    against the residual of the branch the state predicts before that read;
+    only if the timestep then places the call elsewhere, in a branch with a
+    residual of its own, is it measured again (a second read, on the rare call
+    where the pattern of calls per step changes).
     """
 
-    def __init__(self, run: Callable, hidden_in: int, call: _Call, policy: DBCachePolicy, state: ModelState):
+    def __init__(self, run: Callable, hidden_in: int, call: _Call, policy: DBCachePolicy, state: ModelState,
+                 read_timestep: Callable[[list], Optional[float]]):
         super().__init__()
         self.run, self.hidden_in = run, hidden_in
         self.call, self.policy, self.state = call, policy, state
+        self.read_timestep = read_timestep
 
     def forward(self, *args):
-        call, b = self.call, self.call.branch
+        call, state = self.call, self.state
         hidden = args[self.hidden_in]
-        prev = b.prev_residual
+        guess = call.guess
+        prev = guess.prev_residual if guess is not None else None
         if prev is not None and prev.shape != hidden.shape:
-            prev = b.prev_residual = None
+            prev = None
         # with no stored residual the fused diff is measured against zeros and ignored
         *outs, residual, diff = self.run(*args, prev if prev is not None else torch.zeros(
             hidden.shape, dtype=hidden.dtype, device=hidden.device))
-        compute, reason = self.policy.compute(b, call.step, lambda: self._diff(b, prev, diff))
+        t, measured = None, None
+        if state.needs_timestep(call.context) and call.timesteps:
+            values = _read([*call.timesteps, diff] if prev is not None else call.timesteps)
+            t = self.read_timestep(values[:len(call.timesteps)])
+            measured = values[-1] if prev is not None else None
+        step, b = state.begin_call(call.context, t, call.shape_key)
+        call.step, call.branch = step, b
+
+        def measure() -> Optional[float]:
+            if b is guess and prev is not None:
+                return measured if measured is not None else float(diff)
+            if b.prev_residual is None or b.prev_residual.shape != hidden.shape:
+                return None
+            return float(relative_l1_reference(b.prev_residual, residual))
+
+        compute, reason = self.policy.compute(b, step, lambda: self._diff(b, step, measure))
         b.computing = compute
-        b.reasons[call.step] = reason
+        b.reasons[step] = reason
         if compute:
             b.prev_residual = residual
             b.continuous_cached = 0
-            b.computed_steps.append(call.step)
+            b.computed_steps.append(step)
         else:
             b.continuous_cached += 1
-            b.cached_steps.append(call.step)
+            b.cached_steps.append(step)
         return tuple(outs)
 
-    def _diff(self, b: BranchState, prev: Optional[torch.Tensor], diff: torch.Tensor) -> Optional[float]:
-        """Measure (or, for the second CFG branch, maybe borrow) this step's diff and record it."""
-        step = self.call.step
-        first = self.state.branches.get(0)
-        if (self.call.branch_index == 1 and not self.state.config.cfg_diff_compute_separate
+    def _diff(self, b: BranchState, step: int, measure: Callable[[], Optional[float]]) -> Optional[float]:
+        """Measure (or, for a later CFG branch, maybe borrow) this step's diff and record it."""
+        first = self.state.branches.get(self.state.step_first[1])
+        if (first is not b and not self.state.config.cfg_diff_compute_separate
                 and first is not None and step in first.residual_diffs):
             d = first.residual_diffs[step]
-        elif prev is None:
-            return None
         else:
-            d = float(diff)
+            d = measure()
+            if d is None:
+                return None
         b.residual_diffs[step] = d
         if d > 0:
             b.accumulated_diff += d
         return d
+
+
+def _read(values: list) -> list[float]:
+    """0-d tensors (any dtype, any device) to Python floats, in one device-to-host copy."""
+    device = values[-1].device
+    return torch.stack([v.to(device=device, dtype=torch.float32) for v in values]).tolist()
 
 
 class TaylorSeries:
@@ -193,36 +228,53 @@ class CachedGraph:
         order = state.config.taylorseer_order if state.config.enable_taylorseer else 0
         for k, (seg, run) in enumerate(zip(plan.segments, segments)):
             if k == plan.gate_segment:
-                mod = FnGate(run, plan.gate_hidden_in, self.call, policy, state)
+                mod = FnGate(run, plan.gate_hidden_in, self.call, policy, state, self._choose_timestep)
             elif seg.kind == "mid":
                 mod = CachedSegment(run, k, seg.residual_of, self.call, order, taylor.get(k))
             else:
                 mod = Plain(run)
             setattr(plan.parent, seg.module_name, mod)
 
-    def _timestep(self, args) -> Optional[float]:
+    def _timesteps(self, args) -> list:
+        """The timestep tensors to read this call (no sync here): the chosen input once
+        settled, every candidate until then, or the one an earlier graph saw."""
         if not self.timestep_inputs:
             seen, self.state.observed_t = self.state.observed_t, None
             if seen is None:
-                return None
+                return []
             self.state.timestep_input = f"{seen[1]} (seen in an earlier graph)"
-            return seen[0]
+            return [_timestep_key(seen[0])]
         self.state.timestep_input = self.timestep_names[self.timestep_choice]
-        if self.timestep_settled:   # one read (one device sync) per call
-            return float(args[self.timestep_inputs[self.timestep_choice]].reshape(-1)[0])
-        ts = [float(args[i].reshape(-1)[0]) for i in self.timestep_inputs]
+        if self.timestep_settled:
+            return [_timestep_key(args[self.timestep_inputs[self.timestep_choice]])]
+        return [_timestep_key(args[i]) for i in self.timestep_inputs]
+
+    def _choose_timestep(self, ts: list[float]) -> Optional[float]:
+        """Of the candidates read, the one that moves (a constant one is guidance)."""
+        if not ts:
+            return None
+        if self.timestep_settled:
+            return ts[0]
         moved = [k for k, (a, b) in enumerate(zip(ts, self.prev_t)) if a != b] if self.prev_t else []
         if moved:
             if self.timestep_choice not in moved:   # we took a constant (guidance): switch
                 self.timestep_choice = moved[0]
-                self.state.last_t = self.prev_t[moved[0]]
+                self.state.retime(self.prev_t[moved[0]])
                 self.state.timestep_input = self.timestep_names[moved[0]]
             self.timestep_settled = True
         self.prev_t = ts
         return ts[self.timestep_choice]
 
     def __call__(self, *args):
-        t = self._timestep(args)
-        shape_key = (id(self),) + tuple(tuple(args[i].shape) for i in self.shape_inputs)
-        self.call.step, self.call.branch_index, self.call.branch = self.state.begin_call(t, shape_key)
+        call, state = self.call, self.state
+        call.context = state.pipeline.current() if state.pipeline is not None else None
+        call.timesteps = self._timesteps(args) if state.needs_timestep(call.context) else []
+        call.shape_key = (id(self),) + tuple(tuple(args[i].shape) for i in self.shape_inputs)
+        call.guess = state.predict(call.context, call.shape_key)
         return self.plan.parent(*args)
+
+
+def _timestep_key(t: torch.Tensor) -> torch.Tensor:
+    """One number per call from a timestep of any dtype and shape: its largest entry
+    (Wan 2.2 TI2V passes (B, seq_len) with 0 on the conditioning frame's tokens)."""
+    return t.detach().amax()

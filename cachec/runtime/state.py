@@ -2,21 +2,44 @@
 
 Nothing here is global: a ``ModelState`` belongs to one ``torch.compile`` call
 and is shared by the graphs dynamo hands that call's backend.
+
+Every call lands in a (generation, step, branch):
+
+- **Named calls.** Where the pipeline wraps the call in
+  ``transformer.cache_context(name, **fields)`` (``runtime.context``), the name
+  is the branch: "cond" and "uncond" never merge or swap. With ``step_index``
+  that number is the step, and a step index that does not move past the
+  branch's last one starts a new generation. Without it, each call of a branch
+  is its next step, and a generation ends when the branch has made
+  ``num_inference_steps`` calls or its timestep moves against the direction it
+  took.
+- **Unnamed calls.** The branch is the call's position within its step. A
+  call belongs to the step before it when its timestep equals that step's and
+  the step has not had as many calls as the first step of the generation had
+  (so two steps whose timesteps round to one bf16 value stay two steps once
+  the pattern is known). A generation ends after ``num_inference_steps``
+  steps, when the timestep moves against the direction the generation took at
+  its first change, and when a step's first call has new input shapes.
+
+In both, ``cachec.refresh`` starts a new generation, and a branch whose input
+shapes change starts afresh: residuals of another shape are never reused.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Hashable, Optional
 
 import torch
 
 from ..options import DBCacheConfig
+from .context import CallContext
 
 
 @dataclass
 class BranchState:
-    """The cache of one CFG branch (cond or uncond) in one generation."""
+    """The cache of one CFG branch (cond, uncond, ...) in one generation."""
 
+    key: Hashable = 0                               # the pipeline's name, or the position in the step
     shape_key: tuple = ()
     prev_residual: Optional[torch.Tensor] = None    # Fn residual at the last computed step
     caches: dict = field(default_factory=dict)      # segment index -> list of residuals / values
@@ -28,6 +51,11 @@ class BranchState:
     cached_steps: list = field(default_factory=list)
     residual_diffs: dict = field(default_factory=dict)
     reasons: dict = field(default_factory=dict)     # step -> why it computed or cached
+    # named calls: where this branch's own sequence of calls stands
+    calls: int = 0
+    last_step_index: Optional[int] = None
+    last_t: Optional[float] = None
+    direction: int = 0
 
 
 def _sign(x: float) -> int:
@@ -35,38 +63,41 @@ def _sign(x: float) -> int:
 
 
 class ModelState:
-    """Counts transformer calls into steps and generations.
-
-    A generation starts on the first call, after ``refresh``, when
-    ``num_inference_steps`` steps are done, when the timestep moves against the
-    direction the generation took at its first change (falling and rising
-    schedules alike), and when the first call of a step changes input shapes.
-    With separate CFG a step has one call per branch; the branch of a call is
-    its position within the step, so roles never swap between generations.
-    """
+    """Counts transformer calls into generations, steps and branches (module docstring)."""
 
     def __init__(self, config: DBCacheConfig):
         self.config = config
         self.num_inference_steps = config.num_inference_steps
         self.generation = -1
         self.timestep_input: Optional[str] = None
+        self.identity = "no call yet"               # where the last call's step and branch came from
         self.chain_info: dict = {}
         self.warned: set[str] = set()
-        self.observed_t: Optional[tuple[float, str]] = None   # from a plain graph earlier in the call
+        self.observed_t = None   # (timestep tensor, input name) from a plain graph earlier in the call
         self.first_plain_graph = None   # the first graph without a chain that ran
         self.graph_breaks: list[str] = []   # why dynamo split this model's forward, as it said
+        self.pipeline = None     # runtime.context.PipelineContext of the compiled module, if it has one
         self._refresh = False
-        self._start(None)
+        self._start()
 
-    def _start(self, t: Optional[float]) -> None:
+    def _start(self) -> None:
         self.generation += 1
+        self.branches: dict[Hashable, BranchState] = {}
+        self.mode: Optional[str] = None              # "named" or "positional"
+        self.calls = 0
+        self.steps = 0                               # steps seen in this generation
+        self.step_first: Optional[tuple] = None       # (step, key of the branch that ran first in it)
+        # positional calls
         self.step = 0
         self.call_in_step = 0
-        self.calls = 0
         self.direction = 0
-        self.last_t = t
-        self.branches: dict[int, BranchState] = {}
+        self.last_t: Optional[float] = None
+        self.step_t: Optional[float] = None
+        sep = self.config.enable_separate_cfg
+        self.pattern: Optional[int] = None if sep is None else (2 if sep else 1)   # calls per step
         self.max_calls_in_step = 1
+        # named calls
+        self.first_step_index: Optional[int] = None
 
     def refresh(self, num_inference_steps: Optional[int] = None) -> None:
         if num_inference_steps is not None:
@@ -75,50 +106,132 @@ class ModelState:
             self.num_inference_steps = num_inference_steps
         self._refresh = True
 
-    def _same_step(self, t: Optional[float]) -> bool:
-        sep = self.config.enable_separate_cfg
-        if sep is True:
-            return self.call_in_step < 1
-        if sep is False or t is None:
-            return False
-        return t == self.last_t
+    # -- before the call's one host sync -------------------------------------------------
 
-    def begin_call(self, t: Optional[float], shape_key: tuple) -> tuple[int, int, BranchState]:
-        """Advance the counters for one call; return (step, branch index, branch state)."""
-        if self._refresh or self.calls == 0:
-            if self.calls:
-                self._start(t)
-            self._refresh = False
+    def needs_timestep(self, context: Optional[CallContext]) -> bool:
+        """Whether placing this call needs the timestep's value (a step index does not)."""
+        return context is None or context.step_index is None
+
+    def predict(self, context: Optional[CallContext], shape_key: tuple) -> Optional[BranchState]:
+        """The branch this call most likely continues, before its timestep is read: its
+        stored residual is what the gate measures against. None: nothing to measure."""
+        if self._refresh or not self.calls:
+            return None
+        if context is not None:
+            branch = self.branches.get(context.name)
+        else:
+            nxt = self.call_in_step + 1
+            if self.pattern is not None and nxt >= self.pattern:
+                nxt = 0
+            # before the pattern is known a new position has no residual yet: the next step's first does
+            branch = self.branches.get(nxt) or self.branches.get(0)
+        return branch if branch is not None and branch.shape_key == shape_key else None
+
+    # -- after it ------------------------------------------------------------------------
+
+    def begin_call(self, context: Optional[CallContext], t: Optional[float],
+                   shape_key: tuple) -> tuple[int, BranchState]:
+        """Place one call: return (step, branch state), starting generations as needed."""
+        if context is not None:
+            step, branch = self._named(context, t, shape_key)
+        else:
+            step, branch = self._positional(t, shape_key)
+        if self.step_first is None or self.step_first[0] != step:
+            self.step_first = (step, branch.key)
+        self.calls += 1
+        self.steps = max(self.steps, step + 1)
+        return step, branch
+
+    def _begin_generation(self, mode: str) -> None:
+        if self.calls:
+            self._start()
+        self._refresh = False
+        self.mode = mode
+
+    def _named(self, context: CallContext, t: Optional[float], shape_key: tuple) -> tuple[int, BranchState]:
+        branch = self.branches.get(context.name)
+        new = self._refresh or not self.calls or self.mode != "named"
+        if not new and branch is not None:
+            if context.step_index is not None:
+                new = branch.last_step_index is not None and context.step_index <= branch.last_step_index
+            else:
+                n = context.num_inference_steps or self.num_inference_steps
+                moved = 0 if t is None or branch.last_t is None else _sign(t - branch.last_t)
+                new = (n is not None and branch.calls >= n) or (branch.direction != 0 and moved == -branch.direction)
+            new = new or branch.shape_key != shape_key   # a new resolution
+        if new:
+            self._begin_generation("named")
+            branch = None
+        if branch is None:
+            branch = self.branches[context.name] = BranchState(context.name, shape_key)
+        if context.step_index is not None:
+            if self.first_step_index is None:
+                self.first_step_index = context.step_index
+            step = max(context.step_index - self.first_step_index, 0)
+            self.identity = "pipeline's cache_context: branch names and step_index"
+        else:
+            step = branch.calls
+            if t is not None and branch.last_t is not None and not branch.direction:
+                branch.direction = _sign(t - branch.last_t)
+            self.identity = "pipeline's cache_context: branch names; steps counted per branch"
+        branch.calls += 1
+        branch.last_step_index, branch.last_t = context.step_index, t
+        return step, branch
+
+    def _same_step(self, t: Optional[float]) -> bool:
+        if self.pattern is not None and self.call_in_step + 1 >= self.pattern:
+            return False
+        if self.config.enable_separate_cfg:
+            return True
+        return t is not None and t == self.step_t
+
+    def _positional(self, t: Optional[float], shape_key: tuple) -> tuple[int, BranchState]:
+        if self._refresh or not self.calls or self.mode != "positional":
+            self._begin_generation("positional")
+            self.step_t = t
         elif self._same_step(t):
             self.call_in_step += 1
         else:
             n = self.num_inference_steps
             moved = 0 if (t is None or self.last_t is None) else _sign(t - self.last_t)
             if (n is not None and self.step + 1 >= n) or (self.direction and moved == -self.direction):
-                self._start(t)
+                self._begin_generation("positional")
             else:
-                if not self.direction:
-                    self.direction = moved
+                self.direction = self.direction or moved
+                if self.pattern is None:   # the first step is over: it says how many calls a step has
+                    self.pattern = self.call_in_step + 1
                 self.step += 1
                 self.call_in_step = 0
+            self.step_t = t
         branch = self.branches.get(self.call_in_step)
         if branch is not None and branch.shape_key != shape_key:
             if self.call_in_step == 0 and self.step > 0:
-                self._start(t)   # a new shape on a step's first call: a new generation
+                self._begin_generation("positional")   # a new shape on a step's first call: a new generation
+                self.step_t = t
             self.branches.pop(self.call_in_step, None)
             branch = None
         if branch is None:
-            branch = self.branches[self.call_in_step] = BranchState(shape_key=shape_key)
-        self.calls += 1
+            branch = self.branches[self.call_in_step] = BranchState(self.call_in_step, shape_key)
         self.last_t = t
         self.max_calls_in_step = max(self.max_calls_in_step, self.call_in_step + 1)
-        return self.step, self.call_in_step, branch
+        self.identity = (f"timestep input '{self.timestep_input}'; branch = call's place in its step"
+                         if t is not None else "call count (no timestep input found)")
+        return self.step, branch
 
-    def branch_name(self, index: int) -> str:
+    def retime(self, value: float) -> None:
+        """The timestep input turned out to be another one, constant until now at ``value``."""
+        self.last_t = self.step_t = value
+        for b in self.branches.values():
+            if b.last_t is not None:
+                b.last_t = value
+
+    def branch_name(self, key: Hashable) -> str:
+        if isinstance(key, str):
+            return key
         if self.max_calls_in_step == 1:
             return "all"
         first, second = ("uncond", "cond") if self.config.cfg_compute_first else ("cond", "uncond")
-        return {0: first, 1: second}.get(index, f"call{index}")
+        return {0: first, 1: second}.get(key, f"call{key}")
 
     def steps_done(self) -> int:
-        return self.step + 1 if self.calls else 0
+        return self.steps

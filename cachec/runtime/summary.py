@@ -38,12 +38,20 @@ class CacheSummary:
     generation: int = 0
     segments: list[tuple[str, list[str]]] = field(default_factory=list)   # (kind, block names)
     config: str = ""
+    identity: str = ""                     # where each call's step and branch came from
+    unpaired: list[str] = field(default_factory=list)   # middle outputs reused as values (no input to pair)
+    unproven: dict[str, list[str]] = field(default_factory=dict)   # blocks run always: outputs of unproven role
 
     def __str__(self) -> str:
         lines = [f"cachec: {len(self.blocks)} chained blocks, Fn={self.Fn} Bn={self.Bn} ({self.config}); "
                  f"timestep input: {self.timestep_input or 'none found (steps counted by calls)'}",
                  "segments: " + " | ".join(f"{k}[{len(b)}]" if b else k for k, b in self.segments),
-                 f"generation {self.generation}: {self.steps} steps, {self.calls} calls"]
+                 f"generation {self.generation}: {self.steps} steps, {self.calls} calls; steps and branches "
+                 f"from: {self.identity}"]
+        if self.unpaired:
+            lines.append("reused as values on cached steps (no input to pair with): " + ", ".join(self.unpaired))
+        for block, outs in self.unproven.items():
+            lines.append(f"always runs: {block} (role of {', '.join(outs)} not proven by data flow)")
         if not self.branches:
             return "\n".join(lines + ["no call yet"])
         for name, b in self.branches.items():
@@ -70,11 +78,12 @@ def summarize(state: ModelState) -> CacheSummary:
     info = state.chain_info
     branches = {state.branch_name(i): BranchSummary(list(b.computed_steps), list(b.cached_steps),
                                                      dict(b.residual_diffs), dict(b.reasons))
-                for i, b in sorted(state.branches.items())}
+                for i, b in state.branches.items()}
     first = next(iter(branches.values()), BranchSummary([], [], {}, {}))
     return CacheSummary(
         blocks=list(info.get("blocks", [])), Fn=state.config.Fn_compute_blocks, Bn=state.config.Bn_compute_blocks,
         steps=state.steps_done(), calls=state.calls, computed_steps=first.computed_steps,
         cached_steps=first.cached_steps, residual_diffs=first.residual_diffs, branches=branches,
         timestep_input=state.timestep_input, generation=state.generation,
-        segments=list(info.get("segments", [])), config=state.config.short_name())
+        segments=list(info.get("segments", [])), config=state.config.short_name(), identity=state.identity,
+        unpaired=list(info.get("unpaired", [])), unproven=dict(info.get("unproven", {})))
