@@ -182,6 +182,29 @@ def _plain_message(why: str, inner: str, breaks: list[str]) -> str:
     return msg
 
 
+def _specialize_float_inputs(gm: fx.GraphModule) -> None:
+    """Make dynamo trace again with the Python floats it turned into inputs as constants.
+
+    With ``dynamic=True`` dynamo passes Python floats (norm eps, RoPE theta) as 0-d
+    float64 inputs read back with ``.item()``. Compiling the whole graph, AOTAutograd
+    asks dynamo to specialize them (``TensorifyScalarRestartAnalysis``); compiling
+    segments with fake inputs cannot, and fails. So ask for the same restart first.
+    """
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+    from torch._dynamo.symbolic_convert import TensorifyState
+    from torch.utils._sympy.symbol import SymT, symbol_is_type
+    names = set()
+    for node in gm.graph.nodes:
+        val = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(val, torch.SymFloat):
+            names |= {str(s) for s in val.node.expr.free_symbols if symbol_is_type(s, SymT.FLOAT)}
+    names = {n for n in names if not TensorifyState.should_specialize(n)}
+    if names:
+        for n in names:
+            TensorifyState.specialize(n)
+        raise TensorifyScalarRestartAnalysis
+
+
 def _report_unproven(unproven: dict[str, list[str]], strict: bool, state: ModelState) -> None:
     """Blocks left out of the cached middle because an output's role is not proven."""
     what = "; ".join(f"{block} returns {', '.join(repr(o) for o in outs)}" for block, outs in unproven.items())
@@ -198,6 +221,7 @@ def _report_unproven(unproven: dict[str, list[str]], strict: bool, state: ModelS
 def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optional[dict] = None) -> Callable:
     """Dynamo backend: rewrite the block chain of ``gm`` into a cached graph."""
     opts = parse_options(options)
+    _specialize_float_inputs(gm)
     module = _traced_module()
     state = _model_state(opts, module)
     cfg = opts.cache_config
