@@ -146,11 +146,12 @@ def _taylor_graphs(compile_graph: Callable, plan: SplitPlan, order: int, fake_mo
 
 
 def _plain_graph(plain: Callable, gm: fx.GraphModule, state: ModelState, why: str, inner: str) -> Callable:
-    """Run a graph without a chain: warn once per model, and report the timestep if it is here.
+    """Run a graph without a chain: warn once per model unless another of its graphs
+    holds the chain, and report the timestep if it is here.
 
-    The warning waits until a graph break of this model is known or the first
-    plain graph runs again (a new forward): the graph that a break ended may
-    compile after the first graph of the forward already ran. After a break
+    The warning waits until the first plain graph runs again (a new forward):
+    by then every graph of the forward has compiled, so the graph breaks are
+    known and so is whether another graph holds the chain. After a break
     the blocks may sit in a graph whose inputs no longer include the timestep
     (an earlier graph embedded it); this graph then passes it on.
     """
@@ -162,7 +163,7 @@ def _plain_graph(plain: Callable, gm: fx.GraphModule, state: ModelState, why: st
         first = state.first_plain_graph
         if first is None:
             state.first_plain_graph = run
-        if "plain" not in state.warned and (state.graph_breaks or first is run):
+        if "plain" not in state.warned and not state.chain_info and first is run:
             state.warned.add("plain")
             warnings.warn(_plain_message(why, inner, state.graph_breaks[:3]), CachecWarning, stacklevel=2)
         if t_index is not None:   # read later, in the chained graph's one sync
