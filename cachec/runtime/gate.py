@@ -25,6 +25,7 @@ class _Call:
     timesteps: list = []                     # timestep tensors to read with the gate's diff
     shape_key: tuple = ()
     guess: Optional[BranchState] = None      # the branch predicted before the timestep is read
+    plan: tuple = ()                         # the segment layout of the graph running
     step: int = 0
     branch: BranchState
 
@@ -68,6 +69,8 @@ class FnGate(torch.nn.Module):
             measured = values[-1] if prev is not None else None
         step, b = state.begin_call(call.context, t, call.shape_key)
         call.step, call.branch = step, b
+        if b.plan != call.plan:   # a graph dynamo compiled anew, cut otherwise: its caches start empty
+            b.plan, b.caches, b.has_cache = call.plan, {}, False
 
         def measure() -> Optional[float]:
             if b is guess and prev is not None:
@@ -224,6 +227,8 @@ class CachedGraph:
         self.timestep_settled = len(timestep_inputs) <= 1   # settled: only the chosen input is read
         self.prev_t: list = []
         self.call = _Call()
+        # graphs of one model cut alike (a static graph and its dynamic-shape recompile) share caches
+        self.call.plan = tuple((s.kind, tuple(s.blocks), tuple(s.residual_of)) for s in plan.segments)
         policy = DBCachePolicy(state.config)
         order = state.config.taylorseer_order if state.config.enable_taylorseer else 0
         for k, (seg, run) in enumerate(zip(plan.segments, segments)):
@@ -269,7 +274,7 @@ class CachedGraph:
         call, state = self.call, self.state
         call.context = state.pipeline.current() if state.pipeline is not None else None
         call.timesteps = self._timesteps(args) if state.needs_timestep(call.context) else []
-        call.shape_key = (id(self),) + tuple(tuple(args[i].shape) for i in self.shape_inputs)
+        call.shape_key = tuple(tuple(args[i].shape) for i in self.shape_inputs)
         call.guess = state.predict(call.context, call.shape_key)
         return self.plan.parent(*args)
 

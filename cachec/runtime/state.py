@@ -44,6 +44,7 @@ class BranchState:
     prev_residual: Optional[torch.Tensor] = None    # Fn residual at the last computed step
     caches: dict = field(default_factory=dict)      # segment index -> list of residuals / values
     has_cache: bool = False
+    plan: tuple = ()                                # the segment layout ``caches`` was stored for
     computing: bool = True                          # decision for the current call
     continuous_cached: int = 0
     accumulated_diff: float = 0.0
