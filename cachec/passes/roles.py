@@ -51,11 +51,18 @@ _SPLIT_FUNCTIONS = {torch.split, torch.chunk, torch.tensor_split, aten.split.Ten
                     aten.chunk.default}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)   # sizes may be SymInts: compare with ``_same_trace``, never ``==``
 class Joined:
     """A tensor joined along ``dim`` from parts ``(size, source or None)``."""
     dim: int
     parts: tuple
+
+
+def _same_trace(a: "Trace", b: "Trace") -> bool:
+    if isinstance(a, Joined) and isinstance(b, Joined):
+        return a.dim == b.dim and len(a.parts) == len(b.parts) and all(
+            _eq(sa, sb) and _same_trace(pa, pb) for (sa, pa), (sb, pb) in zip(a.parts, b.parts))
+    return a is b
 
 
 Trace = Union[fx.Node, Joined, None]
@@ -166,9 +173,11 @@ def _rule(node: fx.Node, env: dict) -> Trace:
             return None if not (isinstance(src, fx.Node) and _same_sizes(src, node)) else env.get(src)
         return env.get(src)
     if _is(node, _ADD_METHODS, _ADD_FUNCTIONS):
-        traced = {env[a] for a in args[:2] if isinstance(a, fx.Node) and env.get(a) is not None
-                  and _same_sizes(a, node)}
-        return traced.pop() if len(traced) == 1 else None
+        traced = [env[a] for a in args[:2] if isinstance(a, fx.Node) and env.get(a) is not None
+                  and _same_sizes(a, node)]
+        if len(traced) == 2 and _same_trace(*traced):   # h + h
+            traced.pop()
+        return traced[0] if len(traced) == 1 else None
     if _is(node, _ADDC_METHODS, _ADDC_FUNCTIONS):
         src = args[0] if args else None
         return env.get(src) if isinstance(src, fx.Node) and _same_sizes(src, node) else None

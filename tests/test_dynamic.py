@@ -1,0 +1,69 @@
+"""Dynamic shapes keep caching: ``dynamic=True`` or ``mark_dynamic`` on the latent.
+
+With ``dynamic=True`` dynamo hands FLUX's graph over with its Python floats (norm eps,
+RoPE theta) as inputs read back with ``.item()``; cachec used to fail on them and
+fall back to plain graphs. The reference is ``reference.HookedDBCache`` (its own
+decisions, residuals by argument names); a new resolution in the same compiled
+graph is a new generation whose decisions and outputs are the reference's on a
+fresh model state.
+"""
+import pytest
+import torch
+
+import cachec
+from reference import HookedDBCache
+from tiny_models import _image_ids, build
+
+OPTS = dict(Fn_compute_blocks=1, Bn_compute_blocks=1, residual_diff_threshold=0.6, max_warmup_steps=1,
+            max_continuous_cached_steps=-1)
+TS = torch.linspace(1.0, 0.2, 6).tolist()
+
+
+def flux_inputs(case, side: int, t: float):
+    """FLUX inputs for a side x side packed latent."""
+    kw = case.inputs(t)
+    kw.update(hidden_states=torch.randn(1, side * side, 16, generator=torch.Generator().manual_seed(side)),
+              img_ids=_image_ids(side, side))
+    return kw
+
+
+def denoise(model, case, side, hooks=None, mark=False):
+    outs = []
+    with torch.no_grad():
+        for i, t in enumerate(TS):
+            kw = flux_inputs(case, side, t)
+            if mark:   # the latent's token count; FLUX's RoPE ties the image ids' length to it
+                torch._dynamo.mark_dynamic(kw["hidden_states"], 1)
+                torch._dynamo.mark_dynamic(kw["img_ids"], 0)
+            if hooks is not None:
+                hooks.step(i, "cond")
+            outs.append(model(**kw)[0])
+    return outs
+
+
+def reference(case, blocks, side):
+    hooks = HookedDBCache(case.model, blocks, 1, 1, OPTS["residual_diff_threshold"], OPTS["max_warmup_steps"])
+    try:
+        return denoise(case.model, case, side, hooks), hooks.computed["cond"]
+    finally:
+        hooks.remove()
+
+
+@pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
+def test_dynamic_shapes_cache_as_static_and_a_new_resolution_starts_afresh(how):
+    case = build("flux")
+    torch._dynamo.reset()
+    compiled = torch.compile(case.model, backend="cachec", dynamic=True if how == "dynamic=True" else None,
+                             options={"inner_backend": "aot_eager", "strict": True, **OPTS})
+    mark = how == "mark_dynamic"
+    for gen, side in enumerate([8, 6, 4]):
+        if gen == 2:   # by now the graph is symbolic in the token count: nothing compiles again
+            with torch.compiler.set_stance("fail_on_recompile"):
+                got = denoise(compiled, case, side, mark=mark)
+        else:
+            got = denoise(compiled, case, side, mark=mark)
+        s = cachec.summary(compiled)
+        want, computed = reference(case, s.blocks, side)
+        assert (s.generation, s.steps) == (gen, len(TS)) and s.computed_steps == computed and s.cached_steps
+        for step, (g, w) in enumerate(zip(got, want)):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=lambda m: f"{side}x{side} step {step}: {m}")
