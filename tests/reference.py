@@ -8,13 +8,15 @@ cachec's graph rewrite and of its decisions:
   the first ``Fn`` blocks, ``R = hidden_in(Fn) - hidden_in(0)``, and decides as
   cache-dit's DBCache does (warmup, nothing cached yet, max continuous cached
   steps, threshold; ``diff = sum|R_prev - R| / sum|R_prev|``, fp32);
-- the middle's residuals are stored and reused **by the names the blocks are
-  called with** (``hidden_states``, ``encoder_hidden_states``): a pre-hook on
-  the block after the middle stores ``its_input[name] - middle_input[name]``
-  on computed steps and replaces its inputs by ``middle_input[name] +
-  stored[name]`` on cached ones. When the middle runs to the end of the chain
-  there is no such block: its last block's outputs are then matched to the
-  middle's inputs by shape, which the caller must keep unambiguous.
+- each run of middle blocks (one, or one per stretch where text and image
+  tokens are joined between them) stores and reuses its residuals **by the
+  names the blocks are called with** (``hidden_states``,
+  ``encoder_hidden_states``): a pre-hook on the block right after the run
+  stores ``its_input[name] - run_input[name]`` on computed steps and replaces
+  its inputs by ``run_input[name] + stored[name]`` on cached ones. Where no
+  block follows the run directly (the chain ends, or glue joins two stretches),
+  the run's last block's outputs are matched to the run's inputs by shape,
+  which the caller must keep unambiguous.
 """
 from __future__ import annotations
 
@@ -41,27 +43,46 @@ def _rel_l1(prev, cur) -> float:
 
 class HookedDBCache:
     """Runs ``model`` eagerly with DBCache applied by hooks; call ``step(step, branch)`` before
-    each transformer call. ``computed[branch]`` lists the steps it computed."""
+    each transformer call. ``computed[branch]`` lists the steps it computed.
+
+    ``runs`` lists the middle runs as ``(first block, last block, block right after or None)``;
+    by default one run from block ``Fn`` to the block before the last ``Bn``.
+    """
 
     def __init__(self, model, chain: list[str], Fn: int, Bn: int, threshold: float, max_warmup_steps: int,
-                 max_continuous_cached_steps: int = -1):
-        self.model, self.Fn = model, Fn
+                 max_continuous_cached_steps: int = -1, runs=None):
+        self.model = model
         self.threshold, self.warmup, self.max_cont = threshold, max_warmup_steps, max_continuous_cached_steps
         self.computed: dict = {}
         self.branch, self.now = None, 0
         self.state: dict = {}
-        blocks = [model.get_submodule(name) for name in chain]
-        first, mid_first, mid_last = blocks[0], blocks[Fn], blocks[len(blocks) - Bn - 1]
-        self.handles = [first.register_forward_pre_hook(self._take_hidden, with_kwargs=True),
-                        mid_first.register_forward_pre_hook(self._decide, with_kwargs=True)]
-        if Bn:
-            self.handles.append(blocks[len(blocks) - Bn].register_forward_pre_hook(self._after_middle, with_kwargs=True))
-        else:
-            self.handles.append(mid_last.register_forward_hook(self._last_outputs))
+        if runs is None:
+            n = len(chain)
+            runs = [(chain[Fn], chain[n - Bn - 1], chain[n - Bn] if Bn else None)]
+        block = model.get_submodule
+        self.handles = [block(chain[0]).register_forward_pre_hook(self._take_hidden, with_kwargs=True),
+                        block(chain[Fn]).register_forward_pre_hook(self._decide, with_kwargs=True)]
+        for k, (first, last, after) in enumerate(runs):
+            self.handles.append(block(first).register_forward_pre_hook(self._run_input(k), with_kwargs=True))
+            if after is not None:
+                self.handles.append(block(after).register_forward_pre_hook(self._after_run(k), with_kwargs=True))
+            else:
+                self.handles.append(block(last).register_forward_hook(self._last_outputs(k)))
+
+    @classmethod
+    def like(cls, model, summary, threshold, max_warmup_steps, max_continuous_cached_steps=-1):
+        """The middle runs cachec's summary reports (its plan, not its decisions)."""
+        chain, segs = summary.blocks, [(k, b) for k, b in summary.segments if k != "prologue"]
+        runs = []
+        for i, (kind, blocks) in enumerate(segs):
+            if kind == "mid":
+                nxt = segs[i + 1] if i + 1 < len(segs) else ("epilogue", [])
+                runs.append((blocks[0], blocks[-1], nxt[1][0] if nxt[1] else None))
+        return cls(model, chain, summary.Fn, summary.Bn, threshold, max_warmup_steps, max_continuous_cached_steps, runs)
 
     def step(self, step: int, branch: str) -> None:
         self.now, self.branch = step, branch
-        b = self.state.setdefault(branch, {"R": None, "cont": 0, "res": None})
+        b = self.state.setdefault(branch, {"R": None, "cont": 0, "res": {}})
         b["call"] = {}
 
     def remove(self):
@@ -76,9 +97,8 @@ class HookedDBCache:
 
     def _decide(self, mod, args, kwargs):
         b, s = self._b(), self.now
-        ins = _named(mod, args, kwargs)
-        R = ins["hidden_states"] - b["call"]["h0"]
-        if s < self.warmup or b["res"] is None:
+        R = _named(mod, args, kwargs)["hidden_states"] - b["call"]["h0"]
+        if s < self.warmup or not b["res"]:
             compute = True
         elif 0 <= self.max_cont <= b["cont"]:
             compute = True
@@ -91,28 +111,37 @@ class HookedDBCache:
             self.computed.setdefault(self.branch, []).append(s)
         else:
             b["cont"] += 1
-        b["call"].update(compute=compute, mid_in=ins)
+        b["call"]["compute"] = compute
 
-    def _after_middle(self, mod, args, kwargs):
-        b = self._b()
-        mid_in, ins = b["call"]["mid_in"], _named(mod, args, kwargs)
-        names = [n for n in ins if n in mid_in and ins[n].shape == mid_in[n].shape]
-        if b["call"]["compute"]:
-            b["res"] = {n: ins[n] - mid_in[n] for n in names}
-            return None
-        return _rebuild(mod, args, kwargs, {n: mid_in[n] + b["res"][n] for n in names})
+    def _run_input(self, k):
+        def hook(mod, args, kwargs):
+            self._b()["call"][k] = _named(mod, args, kwargs)
+        return hook
 
-    def _last_outputs(self, mod, args, out):
-        b = self._b()
-        outs = out if isinstance(out, tuple) else (out,)
-        mid_in = b["call"]["mid_in"]
-        pairs = []
-        for o in outs:
-            same = [n for n, x in mid_in.items() if torch.is_tensor(o) and x.shape == o.shape]
-            assert len(same) <= 1, f"outputs pair ambiguously by shape with {same}: give the reference a Bn block"
-            pairs.append(same[0] if same else None)
-        if b["call"]["compute"]:
-            b["res"] = [o if n is None else o - mid_in[n] for o, n in zip(outs, pairs)]
-            return None
-        new = tuple(r if n is None else mid_in[n] + r for r, n in zip(b["res"], pairs))
-        return new if isinstance(out, tuple) else new[0]
+    def _after_run(self, k):
+        def hook(mod, args, kwargs):
+            b = self._b()
+            run_in, ins = b["call"][k], _named(mod, args, kwargs)
+            names = [n for n in ins if n in run_in and ins[n].shape == run_in[n].shape]
+            if b["call"]["compute"]:
+                b["res"][k] = {n: ins[n] - run_in[n] for n in names}
+                return None
+            return _rebuild(mod, args, kwargs, {n: run_in[n] + b["res"][k][n] for n in names})
+        return hook
+
+    def _last_outputs(self, k):
+        def hook(mod, args, out):
+            b = self._b()
+            outs = out if isinstance(out, tuple) else (out,)
+            run_in = b["call"][k]
+            pairs = []
+            for o in outs:
+                same = [n for n, x in run_in.items() if torch.is_tensor(o) and x.shape == o.shape]
+                assert len(same) <= 1, f"outputs pair ambiguously by shape with {same}: give the run a next block"
+                pairs.append(same[0] if same else None)
+            if b["call"]["compute"]:
+                b["res"][k] = [o if n is None else o - run_in[n] for o, n in zip(outs, pairs)]
+                return None
+            new = tuple(r if n is None else run_in[n] + r for r, n in zip(b["res"][k], pairs))
+            return new if isinstance(out, tuple) else new[0]
+        return hook

@@ -1,14 +1,15 @@
 """The backend on tiny random-weight diffusers DiTs: discovery, numerics, generations, recompiles.
 
-The reference for cached steps is independent of cachec's graph rewrite: the
-eager model runs with forward hooks that capture the output of block Fn-1 and,
-on a cached step, replace the output of the last middle block with
-``captured Fn output + residual stored at the last computed step``.
+The reference for cached steps is independent of cachec's graph rewrite and of
+its decisions: the eager model under forward hooks that measure the first
+blocks' residual, decide by cache-dit's rules and reuse the middle's residuals
+by the names the blocks take (``reference.HookedDBCache``).
 """
 import pytest
 import torch
 
 import cachec
+from reference import HookedDBCache
 from tiny_models import MODEL_NAMES, build
 
 REQUIRED = ["flux", "sd3", "wan", "pixart", "cogvideox", "qwenimage"]
@@ -38,55 +39,20 @@ def denoise(model, case, ts, *, branches=("cond",), seed=0, batch=1):
     return outs
 
 
-def _carried(args, kwargs):
-    return [v for v in list(args) + list(kwargs.values()) if torch.is_tensor(v)]
-
-
-def reference_denoise(case, ts, segments, computed, branches=("cond",)):
-    """Eager model + hooks applying the DBCache rule with cachec's decisions.
-
-    For each middle segment (from the summary), a pre-hook on its first block
-    captures the tensors it takes; on a cached step a hook on its last block
-    replaces each output by the same-shaped captured input + stored residual.
-    """
-    ctx = {"calls": 0, "branch": None, "step": 0}
-    handles = []
-
-    def add_hooks(k, first, last):
-        def take_inputs(mod, args, kwargs):
-            ctx[("in", k)] = _carried(args, kwargs)
-
-        def replace_outputs(mod, args, out):
-            outs = out if isinstance(out, tuple) else (out,)
-            ins = ctx[("in", k)]
-            pairs = []
-            for o in outs:
-                j = next((j for j, x in enumerate(ins) if torch.is_tensor(o) and x.shape == o.shape and j not in pairs), None)
-                pairs.append(j)
-            key = ("res", k, ctx["branch"])
-            if ctx["step"] in computed[ctx["branch"]]:
-                ctx[key] = [o if j is None else o - ins[j] for o, j in zip(outs, pairs)]
-                return None
-            new = tuple(r if j is None else ins[j] + r for r, j in zip(ctx[key], pairs))
-            return new if isinstance(out, tuple) else new[0]
-
-        handles.append(first.register_forward_pre_hook(take_inputs, with_kwargs=True))
-        handles.append(last.register_forward_hook(replace_outputs))
-
-    for k, (kind, blocks) in enumerate(segments):
-        if kind == "mid":
-            add_hooks(k, case.model.get_submodule(blocks[0]), case.model.get_submodule(blocks[-1]))
+def reference_denoise(case, ts, summary, threshold, warmup, max_continuous, branches=("cond",)):
+    """The eager model under ``reference.HookedDBCache``, laid out as cachec's plan (its middle
+    runs), deciding by itself. Returns the outputs and the steps it computed per branch."""
+    hooks = HookedDBCache.like(case.model, summary, threshold, warmup, max_continuous)
+    ctx = {"calls": 0}
 
     def hooked(**kw):
-        ctx["branch"] = branches[ctx["calls"] % len(branches)]
-        ctx["step"] = ctx["calls"] // len(branches)
+        hooks.step(ctx["calls"] // len(branches), branches[ctx["calls"] % len(branches)])
         ctx["calls"] += 1
         return case.model(**kw)
     try:
-        return denoise(hooked, case, ts, branches=branches)
+        return denoise(hooked, case, ts, branches=branches), hooks.computed
     finally:
-        for h in handles:
-            h.remove()
+        hooks.remove()
 
 
 def assert_outputs_close(got, want, atol):
@@ -121,7 +87,8 @@ def test_cached_steps_generations_and_recompiles(case, rising):
 
 def check_cached_generations(case, rising):
     """Separate CFG, three generations without refresh, zero recompiles, hand-checked outputs."""
-    opts = dict(residual_diff_threshold=0.999, max_warmup_steps=2, max_continuous_cached_steps=2)
+    threshold, warmup, max_continuous = 0.999, 2, 2
+    opts = dict(residual_diff_threshold=threshold, max_warmup_steps=warmup, max_continuous_cached_steps=max_continuous)
     ts = torch.linspace(1.0, 0.1, STEPS).tolist()
     ts = ts[::-1] if rising else ts
     branches = ("cond", "uncond")
@@ -143,7 +110,8 @@ def check_cached_generations(case, rising):
         assert_outputs_close(outs, runs[0][0], 0)
     fresh = compile_case(case, **opts)
     assert_outputs_close(denoise(fresh, case, ts, branches=branches), runs[0][0], 0)
-    want = reference_denoise(case, ts, s.segments, runs[0][1], branches)
+    want, computed = reference_denoise(case, ts, s, threshold, warmup, max_continuous, branches)
+    assert computed == runs[0][1]
     assert_outputs_close(runs[0][0], want, 1e-4)
 
 
