@@ -37,10 +37,11 @@ class GraphInputs:
         return input_name(self.placeholders[index])
 
 
-def _same_size(a, b) -> bool:
+def same_size(a, b) -> bool:
+    """Two sizes, ints or SymInts, known equal without adding a guard."""
     try:
         return bool(statically_known_true(a == b))
-    except Exception:
+    except Exception:   # sizes of unrelated symbolic expressions
         return False
 
 
@@ -63,12 +64,11 @@ def find_graph_inputs(gm: fx.GraphModule) -> GraphInputs:
 
     Guarantees: ``latent`` is the placeholder named ``hidden_states`` if there is
     one, else the first user tensor of rank >= 2. ``timestep_candidates`` are the
-    other user inputs of rank <= 2 (shapes (), (B,), (B, 1), (B, seq_len)), of any
-    dtype but bool (int64 from UniPC / DPM-Solver pipelines), a rank-2 one led by
-    the latent's batch size (so not RoPE position ids, shaped (seq, 3)), that feed a sin/cos
-    (the sinusoidal embedding); a
-    ``guidance`` input matches too, the runtime tells them apart by which one
-    changes from step to step.
+    other user inputs that feed a sin/cos (the sinusoidal embedding), of any dtype
+    but bool (int64 from UniPC / DPM-Solver pipelines) and shaped (), (B,), (B, 1)
+    or (B, seq_len) with B the latent's batch (so not RoPE position ids, shaped
+    (seq, 3)). A ``guidance`` input matches too; the runtime tells them apart by
+    which one changes from step to step.
     """
     ph = list(gm.graph.find_nodes(op="placeholder"))
     gi = GraphInputs(ph)
@@ -84,7 +84,7 @@ def find_graph_inputs(gm: fx.GraphModule) -> GraphInputs:
     batch = example_value(ph[gi.latent]).shape[0] if gi.latent is not None else None
     for i in gi.user_inputs:
         v = example_value(ph[i])
-        per_batch = v.dim() < 2 or (v.dim() == 2 and _same_size(v.shape[0], batch))   # not RoPE ids (seq, 3)
+        per_batch = v.dim() < 2 or (v.dim() == 2 and same_size(v.shape[0], batch))   # not RoPE ids (seq, 3)
         if i != gi.latent and per_batch and v.dtype != torch.bool and _feeds_sinusoid(ph[i]):
             gi.timestep_candidates.append(i)
     # a name that says "time" goes first; the runtime switches if another one moves instead

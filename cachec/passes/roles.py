@@ -26,9 +26,8 @@ from typing import Optional, Union
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .inputs import example_value
+from .inputs import example_value, same_size as _eq
 
 __all__ = ["Joined", "trace_skip_paths", "same_layout"]
 
@@ -75,13 +74,6 @@ def same_layout(a: fx.Node, b: fx.Node) -> bool:
         return False
     return va.dtype == vb.dtype and va.dim() == vb.dim() and all(
         _eq(x, y) for x, y in zip(va.shape, vb.shape))
-
-
-def _eq(a, b) -> bool:
-    try:
-        return bool(statically_known_true(a == b))
-    except Exception:   # sizes of unrelated symbolic expressions
-        return False
 
 
 def _value(a):
@@ -168,10 +160,8 @@ def _split_piece_trace(piece: fx.Node, split: fx.Node, k: int, env: dict) -> Tra
 def _rule(node: fx.Node, env: dict) -> Trace:
     args = node.args
     if _is(node, _SAME_METHODS, _SAME_FUNCTIONS):
-        src = args[0] if args else None
-        if not isinstance(src, fx.Node) or _shape_of(src) != _shape_of(node):
-            return None if not (isinstance(src, fx.Node) and _same_sizes(src, node)) else env.get(src)
-        return env.get(src)
+        src = args[0] if args else None   # a reshape that changes the shape ends the path
+        return env.get(src) if isinstance(src, fx.Node) and _same_sizes(src, node) else None
     if _is(node, _ADD_METHODS, _ADD_FUNCTIONS):
         traced = [env[a] for a in args[:2] if isinstance(a, fx.Node) and env.get(a) is not None
                   and _same_sizes(a, node)]
