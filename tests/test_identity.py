@@ -169,3 +169,29 @@ def test_summary_says_where_the_identity_came_from():
     run(compiled, ts, inputs(2), names=["cond", "uncond"])
     s = cachec.summary(compiled)
     assert s.generation == 1 and "cache_context" in s.identity and "cache_context" in str(s)
+
+
+def run_cfg_for(compiled, ts, xs, cfg_steps: int):
+    """Both branches for the first ``cfg_steps`` steps, then the cond branch alone
+    (CFG truncation, as Lumina's and some video pipelines do)."""
+    outs = []
+    with torch.no_grad():
+        for i, t in enumerate(ts):
+            outs.append([compiled(x, t)[0] for x in (xs if i < cfg_steps else xs[:1])])
+    return outs
+
+
+def test_cfg_that_stops_partway_keeps_each_branch_on_its_own_steps():
+    from test_schedule import reference_schedule
+    cfg = {**OPTS, "residual_diff_threshold": 0.6, "max_continuous_cached_steps": -1}
+    model, compiled = compile_toy(**cfg)
+    ts = schedule(torch.float32, "(B,)", rising=False)
+    for gen in range(2):
+        xs = inputs(2)
+        outs = run_cfg_for(compiled, ts, xs, cfg_steps=6)
+        s = cachec.summary(compiled)
+        assert (s.generation, s.steps, s.calls) == (gen, N, N + 6)
+        for b, (name, n) in enumerate([("cond", N), ("uncond", 6)]):
+            want = reference_schedule(model, ts[:n], cfg, xs[b])
+            assert s.branches[name].computed_steps == want and s.branches[name].cached_steps, name
+            check_outputs(model, [o if b < len(o) else None for o in outs[:n]], ts[:n], xs, want, branch=b)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import cachec
-from test_schedule import SHAPE, compile_toy, falling, run_generation
+from test_schedule import SHAPE, check_outputs, compile_toy, falling, reference_schedule, run_generation
 
 OPTS = dict(residual_diff_threshold=1.0, max_warmup_steps=2, max_continuous_cached_steps=2)
 WANT = [0, 1, 4, 7]   # 10 steps with OPTS, worked out by hand
@@ -50,30 +50,36 @@ def test_shape_change_starts_a_generation():
 
 @pytest.mark.parametrize("first, names", [(False, ["cond", "uncond"]), (True, ["uncond", "cond"])])
 def test_separate_cfg_branches_are_independent_and_keep_their_roles(first, names):
-    """Each branch decides as if it ran alone; the call order within a step names the roles."""
-    opts = dict(OPTS, residual_diff_threshold=0.2, max_continuous_cached_steps=-1, cfg_compute_first=first)
+    """Each branch decides as the reference schedule does on its own input; the call order within
+    a step names the roles."""
+    opts = dict(OPTS, residual_diff_threshold=0.6, max_continuous_cached_steps=-1, cfg_compute_first=first)
     ts = falling(10)
-    xs = [torch.randn(SHAPE), 50 * torch.randn(SHAPE)]
-    solo = []
-    for b in range(2):
-        _, c = compile_toy(**opts)
-        run_generation(c, ts, [xs[b]])
-        solo.append(cachec.summary(c).computed_steps)
-    _, compiled = compile_toy(**opts)
+    model, compiled = compile_toy(**opts)
     for _ in range(2):
-        run_generation(compiled, ts, xs, branches=2)
+        xs = [torch.randn(SHAPE), 50 * torch.randn(SHAPE)]
+        outs = run_generation(compiled, ts, xs, branches=2)
         s = cachec.summary(compiled)
         assert list(s.branches) == names
-        assert [s.branches[n].computed_steps for n in names] == solo
+        for b, name in enumerate(names):
+            want = reference_schedule(model, ts, opts, xs[b])
+            assert s.branches[name].computed_steps == want and s.branches[name].cached_steps
+            check_outputs(model, outs, ts, xs, want, branch=b)
 
 
 def test_cfg_diff_shared_from_the_first_branch():
-    opts = dict(OPTS, residual_diff_threshold=0.2, max_continuous_cached_steps=-1, cfg_diff_compute_separate=False)
-    _, compiled = compile_toy(**opts)
-    run_generation(compiled, falling(10), [torch.randn(SHAPE), torch.randn(SHAPE)], branches=2)
+    """cfg_diff_compute_separate=False: the second branch takes the first one's diff, so both
+    follow the schedule of the first branch's input."""
+    opts = dict(OPTS, residual_diff_threshold=0.6, max_continuous_cached_steps=-1, cfg_diff_compute_separate=False)
+    model, compiled = compile_toy(**opts)
+    ts, xs = falling(10), [torch.randn(SHAPE), 50 * torch.randn(SHAPE)]
+    outs = run_generation(compiled, ts, xs, branches=2)
     s = cachec.summary(compiled)
+    want = reference_schedule(model, ts, opts, xs[0])
+    assert want != reference_schedule(model, ts, opts, xs[1]), "the test needs branches that decide differently"
     assert s.branches["uncond"].residual_diffs == s.branches["cond"].residual_diffs
-    assert s.branches["uncond"].computed_steps == s.branches["cond"].computed_steps
+    for b, name in enumerate(["cond", "uncond"]):
+        assert s.branches[name].computed_steps == want
+        check_outputs(model, outs, ts, xs, want, branch=b)
 
 
 def test_two_compiled_models_never_share_state():
@@ -134,7 +140,6 @@ def test_graph_without_block_loop_compiles_plainly_with_one_warning():
 
 def test_new_resolutions_and_dynamic_shape_graphs_start_fresh_generations():
     """The third shape makes dynamo compile a symbolic-shape graph; each shape is its own generation."""
-    from test_schedule import check_outputs
     model, compiled = compile_toy(**OPTS)
     ts = falling(10)
     for tokens in (3, 5, 7, 5):

@@ -120,3 +120,21 @@ def test_sync_counter_sees_a_read():
         gate._read([torch.tensor(1.0), torch.tensor(2.0)])
         torch.tensor(3.0).item()
     assert counter.count == 1
+
+
+def test_cfg_that_stops_partway_costs_one_extra_read_once():
+    """The gate measures against the branch it predicts before the timestep is read, from what
+    followed the same place last time; when CFG stops one call is predicted wrong and measured
+    again, and the calls after it are predicted right."""
+    from test_identity import run_cfg_for
+    _, compiled = compile_toy(**{**OPTS, **GATED})
+    ts, xs = schedule(torch.float32, "(B,)", rising=False), inputs(2)
+    run_cfg_for(compiled, ts, xs, cfg_steps=6)
+    counts = []
+    with SyncCounter() as counter:
+        for i, t in enumerate(ts):
+            for x in xs if i < 6 else xs[:1]:
+                before = counter.count
+                run_cfg_for(compiled, [t], [x], cfg_steps=1)
+                counts.append(counter.count - before)
+    assert counts[:12] == [1] * 12 and sorted(counts[12:]) == [1, 1, 1, 2], counts

@@ -79,6 +79,7 @@ class ModelState:
         self.graph_breaks: list[str] = []   # why dynamo split this model's forward, as it said
         self.pipeline = None     # runtime.context.PipelineContext of the compiled module, if it has one
         self._refresh = False
+        self.follows: dict[int, int] = {}   # position in a step -> the position of the call after it, last seen
         self._start()
 
     def _start(self) -> None:
@@ -121,9 +122,11 @@ class ModelState:
         if context is not None:
             branch = self.branches.get(context.name)
         else:
-            nxt = self.call_in_step + 1
-            if self.pattern is not None and nxt >= self.pattern:
-                nxt = 0
+            nxt = self.follows.get(self.call_in_step)   # what came after this position last time
+            if nxt is None:
+                nxt = self.call_in_step + 1
+                if self.pattern is not None and nxt >= self.pattern:
+                    nxt = 0
             # before the pattern is known a new position has no residual yet: the next step's first does
             branch = self.branches.get(nxt) or self.branches.get(0)
         return branch if branch is not None and branch.shape_key == shape_key else None
@@ -187,6 +190,7 @@ class ModelState:
         return t is not None and t == self.step_t
 
     def _positional(self, t: Optional[float], shape_key: tuple) -> tuple[int, BranchState]:
+        before = self.call_in_step
         if self._refresh or not self.calls or self.mode != "positional":
             self._begin_generation("positional")
             self.step_t = t
@@ -214,6 +218,7 @@ class ModelState:
         if branch is None:
             branch = self.branches[self.call_in_step] = BranchState(self.call_in_step, shape_key)
         self.last_t = t
+        self.follows[before] = self.call_in_step
         self.max_calls_in_step = max(self.max_calls_in_step, self.call_in_step + 1)
         self.identity = (f"timestep input '{self.timestep_input}'; branch = call's place in its step"
                          if t is not None else "call count (no timestep input found)")
