@@ -195,3 +195,24 @@ def test_cfg_that_stops_partway_keeps_each_branch_on_its_own_steps():
             want = reference_schedule(model, ts[:n], cfg, xs[b])
             assert s.branches[name].computed_steps == want and s.branches[name].cached_steps, name
             check_outputs(model, [o if b < len(o) else None for o in outs[:n]], ts[:n], xs, want, branch=b)
+
+
+def test_a_model_that_takes_over_partway_counts_from_its_first_step():
+    """Wan 2.2 A14B hands the low-noise steps to a second transformer: its first call has
+    step_index 5 of 10, and its warmup counts from there."""
+    model, compiled = compile_toy(**OPTS)
+    ts = schedule(torch.float32, "(B,)", rising=False)
+    for gen in range(2):
+        xs = inputs(2)
+        outs = []
+        with torch.no_grad():
+            for i in range(5, N):
+                outs.append([])
+                for name, x in zip(["cond", "uncond"], xs):
+                    with compiled.cache_context(name, step_index=i, num_inference_steps=N):
+                        outs[-1].append(compiled(x, ts[i])[0])
+        s = cachec.summary(compiled)
+        assert (s.generation, s.steps) == (gen, 5) and "pipeline's step 5" in s.identity
+        for b, name in enumerate(["cond", "uncond"]):
+            assert s.branches[name].computed_steps == [0, 1, 4]
+            check_outputs(model, outs, ts[5:], xs, [0, 1, 4], branch=b)

@@ -172,7 +172,8 @@ class ModelState:
             if self.first_step_index is None:
                 self.first_step_index = context.step_index
             step = max(context.step_index - self.first_step_index, 0)
-            self.identity = "pipeline's cache_context: branch names and step_index"
+            self.identity = "pipeline's cache_context: branch names and step_index" + (
+                f" (step 0 is the pipeline's step {self.first_step_index})" if self.first_step_index else "")
         else:
             step = branch.calls
             if t is not None and branch.last_t is not None and not branch.direction:
