@@ -4,10 +4,10 @@ For each: at threshold 0 the output equals the uncompiled pipeline's; at thresho
 summary counts the pipeline's own steps in each of its branches and computes the steps
 worked out by hand; two calls in a row, without ``cachec.refresh``, give identical outputs
 and decisions and compile nothing new. The pipelines cover what the transformer is
-handed (``tiny_pipelines`` lists it): int64 timesteps (UniPC, DPM-Solver), a
+handed (``tiny_pipelines`` lists it): int64 timesteps (UniPC, DPM-Solver, DDIM), a
 (batch, seq_len) timestep, bf16 timesteps of which two pairs collide at 50 steps, named
-calls with and without a step index, unnamed batched CFG, and true CFG as two calls
-whose texts differ in length.
+calls with and without a step index, batched CFG named ("cond_uncond") and not, and
+true CFG as two calls whose texts differ in length.
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -42,6 +42,8 @@ CASES = {
     "pixart_sigma_dpm_solver": Case(tp.build_pixart_sigma_pipeline, 8, ["all"], "timestep input"),
     "flux_bf16_50_steps_1536_shift": Case(tp.build_flux_pipeline, 50, ["cond"], "cache_context", atol=0),
     "qwenimage_true_cfg": Case(tp.build_qwenimage_pipeline, 8, ["cond", "uncond"], "cache_context"),
+    "sd3_batched_cfg": Case(tp.build_sd3_pipeline, 8, ["all"], "timestep input"),
+    "cogvideox_ddim_cond_uncond": Case(tp.build_cogvideox_pipeline, 8, ["cond_uncond"], "cache_context"),
 }
 
 

@@ -42,6 +42,8 @@ CASES = {
     "flux": (tp.build_flux_pipeline, (1, 3, 32, 32), torch.bfloat16, (1,), [("cond", [])]),
     "qwenimage": (tp.build_qwenimage_pipeline, (1, 3, 32, 32), torch.float32, (1,), [("cond", []), ("uncond", [])]),
     "flux_controlnet": (tp.build_flux_controlnet_pipeline, (1, 3, 32, 32), torch.float32, (1,), [None]),
+    "sd3": (tp.build_sd3_pipeline, (1, 3, 32, 32), torch.float32, (2,), [None]),
+    "cogvideox": (tp.build_cogvideox_pipeline, (1, 8, 3, 32, 32), torch.int64, (2,), [("cond_uncond", [])]),
 }
 
 
@@ -65,6 +67,17 @@ def test_qwenimage_cond_and_uncond_text_lengths_differ():
     calls = record_calls(pipe)
     tp.generate(pipe, STEPS)
     assert [c["text"].shape[1] for c in calls] == [133, 151] * STEPS
+
+
+@pytest.mark.parametrize("builder, text_shape", [(tp.build_sd3_pipeline, (2, 77 + 256, 32)),
+                                                  (tp.build_cogvideox_pipeline, (2, 8, 32))])
+def test_batched_cfg_passes_uncond_and_cond_text_together(builder, text_shape):
+    pipe = builder()
+    calls = record_calls(pipe)
+    tp.generate(pipe, STEPS)
+    assert all(c["text"].shape == text_shape for c in calls)
+    uncond, cond = calls[0]["text"]
+    assert not torch.equal(uncond, cond)
 
 
 def test_flux_controlnet_passes_nonzero_residuals():

@@ -4,8 +4,8 @@ Every pipeline is the unchanged diffusers class with its usual scheduler, text e
 tokenizer(s), VAE and transformer, all random-weight (seeded with ``MODEL_SEED``), in eval mode and
 float32 unless said otherwise; the transformers are ``tiny_models``' ones.  ``generate(pipe, steps)``
 runs one with the prompts and sizes of ``CALL_KWARGS``; 8 steps take 0.05-0.2 s on one CPU thread.
-The Wan 2.1 (UniPC) and Qwen-Image (flow-match Euler) scheduler configs are written from the
-published ``scheduler_config.json`` files as remembered, not read from the hub (no access).
+The Wan 2.1 (UniPC), Qwen-Image (flow-match Euler) and CogVideoX-2b (DDIM) scheduler configs are written
+from the published ``scheduler_config.json`` files as remembered, not read from the hub (no access).
 
 What the transformer receives, per pipeline, in diffusers 0.42.1 (B = batch of prompts, 1 here):
 
@@ -35,6 +35,13 @@ What the transformer receives, per pipeline, in diffusers 0.42.1 (B = batch of p
   transformer, once per step each, both with float32 ``timestep`` ``t / 1000`` of shape ``(B,)``; the
   transformer gets ``controlnet_block_samples`` (2 tensors) and ``controlnet_single_block_samples``
   (1 tensor) of shape ``(B, 64, 32)``.  No ``cache_context``.
+* ``build_sd3_pipeline()`` (``StableDiffusion3Pipeline``, flow-match Euler, shift 3.0): ``timestep`` is the
+  scheduler's float32 timestep on the 0..1000 scale (1000.0, 947.54, ..., 8.93 at 8 steps), shape ``(2B,)``:
+  ONE call per step with uncond and cond batched together (latent ``(2B, 4, 16, 16)``, text
+  ``(2B, 333, 32)``: 77 CLIP then 256 T5 tokens, pooled ``(2B, 32)``).  No ``cache_context``.
+* ``build_cogvideox_pipeline()`` (``CogVideoXPipeline``, CogVideoX DDIM): ``timestep`` int64 (999, 874,
+  ..., 124 at 8 steps), shape ``(2B,)``: ONE call per step, uncond and cond batched (latent
+  ``(2B, 2, 4, 8, 8)``, frames first; text ``(2B, 8, 32)``), in ``cache_context("cond_uncond")`` with no fields.
 """
 
 from __future__ import annotations
@@ -43,10 +50,12 @@ import diffusers
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, T5Tokenizer,
-                          UMT5Config, UMT5EncoderModel)
+from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, T5Tokenizer, UMT5Config,
+                          UMT5EncoderModel)
 
-from tiny_models import MODEL_SEED, _seeded, _tiny_t5, _tiny_vae, build, build_tiny_flux_pipeline
+from tiny_models import (MODEL_SEED, TEXT_LEN, _seeded, _tiny_clip, _tiny_t5, _tiny_vae, build,
+                         build_tiny_flux_pipeline)
 
 FLUX_1536_MU = calculate_shift(9216, 256, 4096, 0.5, 1.15)  # FLUX.1's shift at 1536x1536 (9216 tokens): ~2.017
 FLUX_TINY_TOKENS = 64  # packed latent tokens of the tiny FLUX pipelines' 32x32 image
@@ -64,6 +73,10 @@ CALL_KWARGS: dict[type, dict] = {
                                       width=32, true_cfg_scale=4.0),
     diffusers.FluxControlNetPipeline: dict(prompt="a cat", height=32, width=32, guidance_scale=3.5,
                                            control_image=_CONTROL_IMAGE, controlnet_conditioning_scale=0.7),
+    diffusers.StableDiffusion3Pipeline: dict(prompt="a cat", negative_prompt="blurry", height=32, width=32,
+                                             guidance_scale=7.0),
+    diffusers.CogVideoXPipeline: dict(prompt="a cat", negative_prompt="blurry", height=32, width=32, num_frames=5,
+                                      guidance_scale=6.0, max_sequence_length=TEXT_LEN),
 }
 
 
@@ -191,3 +204,48 @@ def build_flux_controlnet_pipeline() -> diffusers.FluxControlNetPipeline:
     for layer in zero_initialised:
         layer.reset_parameters()
     return diffusers.FluxControlNetPipeline(controlnet=controlnet.eval(), **flux.components)
+
+
+def _tiny_clip_with_projection(width: int) -> tuple[CLIPTextModelWithProjection, CLIPTokenizer]:
+    """The tiny CLIP tokenizer and a 2-layer CLIP text encoder of ``width``, projected to ``width`` as SD3's are."""
+    clip, tokenizer = _tiny_clip()
+    config = {k: v for k, v in clip.config.to_dict().items() if k not in ("model_type", "architectures")}
+    config.update(hidden_size=width, intermediate_size=2 * width, projection_dim=width)
+    torch.manual_seed(MODEL_SEED)
+    return CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval(), tokenizer
+
+
+def build_sd3_pipeline() -> diffusers.StableDiffusion3Pipeline:
+    """SD3: two CLIPs with projection (widths 12 and 20, as 768 and 1280), tiny T5, ``build("sd3")``'s transformer.
+
+    The CLIP states (12 + 20 = 32 wide) are padded to the T5 width (32) and put in front of the T5 ones; the
+    pooled projections make the 32-wide pooled input.  A 4-channel VAE (SD3's has 16) that downscales 2x: a
+    32x32 image is a 16x16x4 latent (64 tokens).  Flow-match Euler with SD3's static shift 3.0.
+    """
+    text_encoder, tokenizer = _tiny_clip_with_projection(12)
+    text_encoder_2, tokenizer_2 = _tiny_clip_with_projection(20)
+    text_encoder_3, tokenizer_3 = _tiny_t5()
+    return diffusers.StableDiffusion3Pipeline(
+        transformer=build("sd3").model, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+
+
+def build_cogvideox_pipeline() -> diffusers.CogVideoXPipeline:
+    """CogVideoX-2b: tiny T5, a CogVideoX VAE (4x in space and time), ``build("cogvideox")``'s transformer.
+
+    A 32x32, 5-frame video is 2 latent frames of 8x8x4 (the transformer's sample size, so its stored
+    sincos positions are used), decoded to 8 frames.  The prompt is padded to ``TEXT_LEN`` tokens, the
+    tiny transformer's ``max_text_seq_length`` (226 in CogVideoX-2b).  The scheduler is 2b's DDIM config.
+    """
+    text_encoder, tokenizer = _tiny_t5()
+    vae = _seeded(diffusers.AutoencoderKLCogVideoX, down_block_types=("CogVideoXDownBlock3D",) * 3,
+                  up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 16, 16), latent_channels=4,
+                  layers_per_block=1, norm_num_groups=4, temporal_compression_ratio=4, sample_height=32,
+                  sample_width=32)
+    scheduler = diffusers.CogVideoXDDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True, snr_shift_scale=3.0,
+        steps_offset=0, timestep_spacing="trailing")
+    return diffusers.CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                                       transformer=build("cogvideox").model, scheduler=scheduler)

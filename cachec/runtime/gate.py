@@ -21,13 +21,14 @@ from .state import BranchState, ModelState
 class _Call:
     """What the segments of one transformer call share."""
 
-    context: Optional[CallContext] = None   # the pipeline's name for the call, if it gave one
-    timesteps: list = []                     # timestep tensors to read with the gate's diff
-    shape_key: tuple = ()
-    guess: Optional[BranchState] = None      # the branch predicted before the timestep is read
-    plan: tuple = ()                         # the segment layout of the graph running
-    step: int = 0
-    branch: BranchState
+    def __init__(self, plan: tuple):
+        self.plan = plan                                  # the segment layout of the graph running
+        self.context: Optional[CallContext] = None       # the pipeline's name for the call, if it gave one
+        self.timesteps: list = []                         # timestep tensors to read with the gate's diff
+        self.shape_key: tuple = ()
+        self.guess: Optional[BranchState] = None         # the branch predicted before the timestep is read
+        self.step = 0
+        self.branch: Optional[BranchState] = None
 
 
 class FnGate(torch.nn.Module):
@@ -226,9 +227,8 @@ class CachedGraph:
         self.timestep_choice = 0
         self.timestep_settled = len(timestep_inputs) <= 1   # settled: only the chosen input is read
         self.prev_t: list = []
-        self.call = _Call()
         # graphs of one model cut alike (a static graph and its dynamic-shape recompile) share caches
-        self.call.plan = tuple((s.kind, tuple(s.blocks), tuple(s.residual_of)) for s in plan.segments)
+        self.call = _Call(tuple((s.kind, tuple(s.blocks), tuple(s.residual_of)) for s in plan.segments))
         policy = DBCachePolicy(state.config)
         order = state.config.taylorseer_order if state.config.enable_taylorseer else 0
         for k, (seg, run) in enumerate(zip(plan.segments, segments)):
