@@ -13,7 +13,7 @@ import torch
 import cachec
 from test_identity import OPTS, inputs, run, schedule
 from test_schedule import SHAPE, compile_toy
-from toy import AddBlock
+from toy import ToyDiT
 
 READS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy")
 CACHEC = str(Path(cachec.__file__).parent)
@@ -85,16 +85,11 @@ def test_named_calls_with_a_step_index_read_only_for_the_diff():
     assert set(counts[4:]) == {1}, counts
 
 
-class BreakToy(torch.nn.Module):
+class BreakToy(ToyDiT):
     """The timestep embedding graph-breaks, so the blocks' graph never sees the timestep input."""
 
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("freqs", torch.linspace(1.0, 3.0, 8))
-        self.blocks = torch.nn.ModuleList([AddBlock(float(i + 1)) for i in range(4)])
-
     def forward(self, hidden_states, timestep):
-        temb = torch.sin(timestep[:, None, None] * self.freqs)
+        temb = self.temb(timestep)
         torch._dynamo.graph_break()
         h = hidden_states
         for block in self.blocks:

@@ -144,7 +144,7 @@ def _slice_trace(node: fx.Node, src: fx.Node, index, env: dict) -> Trace:
     return _take(env.get(src), cut, start, stop, size)
 
 
-def _split_piece_trace(piece: fx.Node, split: fx.Node, k: int, env: dict) -> Trace:
+def _split_piece_trace(split: fx.Node, k: int, env: dict) -> Trace:
     """Piece ``k`` of a split / chunk: the slice it covers, from the pieces' sizes."""
     src, pieces = split.args[0], example_value(split)
     shape = _shape_of(src)
@@ -184,7 +184,7 @@ def _rule(node: fx.Node, env: dict) -> Trace:
     if node.op == "call_function" and node.target is operator.getitem and isinstance(args[0], fx.Node):
         src = args[0]
         if _is(src, _SPLIT_METHODS, _SPLIT_FUNCTIONS) and isinstance(args[1], int):
-            return _split_piece_trace(node, src, args[1], env)
+            return _split_piece_trace(src, args[1], env)
         if isinstance(example_value(src), torch.Tensor):
             return _slice_trace(node, src, args[1], env)
         return None

@@ -89,7 +89,7 @@ def _starts(chain: BlockChain, Fn: int, Bn: int, always: set[int]) -> list[tuple
     return starts
 
 
-def _carried(nodes: list[fx.Node], used: list[fx.Node], since: int, pos: dict) -> list[fx.Node]:
+def _carried(used: list[fx.Node], since: int, pos: dict) -> list[fx.Node]:
     """The tensors among ``used`` made at or after position ``since``: what the previous block handed on."""
     return [a for a in used if pos[a] >= since and isinstance(example_value(a), torch.Tensor)
             and not (a.op == "placeholder" and is_module_state(a))]
@@ -100,7 +100,7 @@ def _roles(nodes: list[fx.Node], pos: dict, begin: int, end: int, inputs: list[f
     """For a run of nodes ``[begin, end]``: per output, the index in ``inputs`` of the
     carried input it continues (or None), and the outputs that are shaped like a
     carried input but continue none (their role is not proven)."""
-    carried = _carried(nodes, inputs, since, pos)
+    carried = _carried(inputs, since, pos)
     sources = trace_skip_paths(nodes[begin:end + 1], carried, outputs)
     residual_of = [None if s is None else inputs.index(s) for s in sources]
     unproven = [o.name for o, s in zip(outputs, sources) if s is None and any(same_layout(o, c) for c in carried)]

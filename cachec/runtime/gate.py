@@ -70,8 +70,10 @@ class FnGate(torch.nn.Module):
             measured = values[-1] if prev is not None else None
         step, b = state.begin_call(call.context, t, call.shape_key)
         call.step, call.branch = step, b
-        if b.plan != call.plan:   # a graph dynamo compiled anew, cut otherwise: its caches start empty
-            b.plan, b.caches, b.has_cache = call.plan, {}, False
+        if b.plan is not call.plan:
+            if b.plan != call.plan:   # a graph dynamo compiled anew, cut otherwise: its caches start empty
+                b.caches, b.has_cache = {}, False
+            b.plan = call.plan
 
         def measure() -> Optional[float]:
             if b is guess and prev is not None:

@@ -97,7 +97,6 @@ class ModelState:
         self.step_t: Optional[float] = None
         sep = self.config.enable_separate_cfg
         self.pattern: Optional[int] = None if sep is None else (2 if sep else 1)   # calls per step
-        self.max_calls_in_step = 1
         # named calls
         self.first_step_index: Optional[int] = None
 
@@ -220,7 +219,6 @@ class ModelState:
             branch = self.branches[self.call_in_step] = BranchState(self.call_in_step, shape_key)
         self.last_t = t
         self.follows[before] = self.call_in_step
-        self.max_calls_in_step = max(self.max_calls_in_step, self.call_in_step + 1)
         self.identity = (f"timestep input '{self.timestep_input}'; branch = call's place in its step"
                          if t is not None else "call count (no timestep input found)")
         return self.step, branch
@@ -235,7 +233,7 @@ class ModelState:
     def branch_name(self, key: Hashable) -> str:
         if isinstance(key, str):
             return key
-        if self.max_calls_in_step == 1:
+        if len(self.branches) == 1:   # positional keys are 0..k: one call per step
             return "all"
         first, second = ("uncond", "cond") if self.config.cfg_compute_first else ("cond", "uncond")
         return {0: first, 1: second}.get(key, f"call{key}")
