@@ -5,9 +5,11 @@
     print(cachec.summary(pipe.transformer))
 """
 from .backend import CachecWarning, cachec_backend, refresh, summary
-from .options import BackendOptions, DBCacheConfig, parse_options, steps_mask
+from .options import (BackendOptions, DBCacheConfig, DBPruneConfig, FoCaCalibratorConfig, TaylorSeerCalibratorConfig,
+                      parse_options, steps_mask)
 from .runtime.summary import CacheSummary
 
-__all__ = ["cachec_backend", "summary", "refresh", "DBCacheConfig", "BackendOptions", "parse_options",
+__all__ = ["cachec_backend", "summary", "refresh", "DBCacheConfig", "DBPruneConfig", "TaylorSeerCalibratorConfig",
+           "FoCaCalibratorConfig", "BackendOptions", "parse_options",
            "steps_mask", "CacheSummary", "CachecWarning"]
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from typing import Any, Callable, Optional
@@ -16,10 +17,10 @@ from torch._guards import TracingContext, detect_fake_mode, tracing
 
 from .options import BackendOptions, parse_options
 from .passes import NoBlockChain, find_graph_inputs, plan_graph
-from .passes.residuals import fuse_gate_diff, fuse_residuals
-from .passes.taylor import taylor_apply_graph
-from .passes.split import SplitPlan
-from .runtime import CachedGraph, ModelState, summarize
+from .passes.calibrate import combination_graph
+from .passes.residuals import fuse_gate_signals, fuse_residuals
+from .plan import GateLayout, SplitPlan
+from .runtime import CachedGraph, ModelState, calibrator_for, strategy_for, summarize
 from .runtime.context import PipelineContext
 from .runtime.summary import CacheSummary
 
@@ -113,36 +114,62 @@ def _inner_compiler(opts: BackendOptions, fake_mode) -> Callable[[fx.GraphModule
     return compile_graph
 
 
-def _gate_graph(compile_graph: Callable, plan: SplitPlan, fake_mode) -> Callable:
-    """The Fn segment compiled with the gate's residual and relative L1 fused in
-    (``passes.residuals``, where the measurement that chose this is)."""
+def _fake_like(value, fake_mode, contiguous: bool = False, dtype=None):
+    with fake_mode:
+        if contiguous:
+            return torch.empty(value.shape, dtype=dtype or value.dtype, device=value.device)
+        return torch.empty_strided(value.shape, value.stride(), dtype=dtype or value.dtype, device=value.device)
+
+
+def _gate_graph(compile_graph: Callable, plan: SplitPlan, strategy, fake_mode) -> tuple[Callable, GateLayout]:
+    """The Fn segment compiled with the strategy's signal fused in (``passes.residuals``;
+    the measurements that chose fusing: bench/results/fusion_cpu.md)."""
     seg = plan.segments[plan.gate_segment]
-    gm = fuse_gate_diff(plan.submodule(seg), plan.gate_hidden_in, plan.gate_hidden_out)
-    hidden = plan.example_values[seg.input_names[plan.gate_hidden_in]]
-    with fake_mode:   # the gate hands it contiguous residuals
-        prev = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-    return compile_graph(gm, plan.example_inputs(seg) + [prev])
+    gm = fuse_gate_signals(plan.submodule(seg), plan.gate_hidden_in, plan.gate_hidden_out, strategy.signal,
+                           len(plan.probe_regions))
+    if strategy.signal == "residual":   # the gate hands it contiguous residuals
+        extra = [_fake_like(plan.example_values[seg.input_names[plan.gate_hidden_in]], fake_mode, True)]
+    else:                               # stored inputs and residuals, contiguous, per probed block
+        extra = []
+        for k in plan.probe_regions:
+            r = plan.segments[k]
+            hidden = _fake_like(plan.example_values[r.input_names[r.hidden_in]], fake_mode, True)
+            extra += [hidden, hidden]
+    layout = GateLayout(len(seg.output_names), strategy.signal == "residual")
+    return compile_graph(gm, plan.example_inputs(seg) + extra), layout
 
 
-def _taylor_graphs(compile_graph: Callable, plan: SplitPlan, order: int, fake_mode) -> dict[int, list]:
-    """For each middle segment, per output: TaylorSeer's cached-step graph compiled for
-    that output's layout (``passes.taylor``), or None for outputs reused as values."""
-    graphs = {}
-    for k, seg in enumerate(plan.segments):
-        if seg.kind != "mid":
-            continue
-        graphs[k] = []
-        for name, j in zip(seg.output_names, seg.residual_of):
-            if j is None:
-                graphs[k].append(None)
+def _region_calibrators(compile_graph: Callable, plan: SplitPlan, calibrator, fake_mode) -> dict[int, tuple]:
+    """For each region, per output: a calibrator factory and its compiled combination
+    graph (``passes.calibrate``), or None where the output is reused as it was.
+    Outputs laid out alike share one compiled graph."""
+    cls = calibrator_for(calibrator)
+    n_terms = cls.terms(calibrator)
+    compiled: dict[tuple, Callable] = {}
+    regions = {}
+    for k in plan.regions():
+        seg = plan.segments[k]
+        makers, graphs = [], []
+        for m, (name, j) in enumerate(zip(seg.output_names, seg.residual_of)):
+            wanted = calibrator.enable_calibrator if (seg.hidden_out is None or m == seg.hidden_out) \
+                else calibrator.enable_encoder_calibrator
+            if j is None or not wanted:
+                makers.append(None)
+                graphs.append(None)
                 continue
             out, base = plan.example_values[name], plan.example_values[seg.input_names[j]]
-            with fake_mode:
-                example = [torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device), base,
-                           torch.empty((order + 1, *out.shape), dtype=torch.float32, device=out.device),
-                           torch.empty(order + 1, dtype=torch.float32, device=out.device)]
-            graphs[k].append(compile_graph(taylor_apply_graph(order), example))
-    return graphs
+            key = (tuple(out.shape), out.stride(), out.dtype, tuple(base.shape), base.stride(), base.dtype)
+            if key not in compiled:
+                term = _fake_like(out, fake_mode, True, torch.float32)
+                with fake_mode:
+                    coefs = torch.empty(n_terms, dtype=torch.float32, device=out.device)
+                example = [_fake_like(out, fake_mode), base, coefs]
+                compiled[key] = compile_graph(combination_graph(n_terms, cls.keep),
+                                              example + [term] * n_terms)
+            makers.append(functools.partial(cls, calibrator))
+            graphs.append(compiled[key])
+        regions[k] = (makers, graphs)
+    return regions
 
 
 def _plain_graph(plain: Callable, gm: fx.GraphModule, state: ModelState, why: str, inner: str) -> Callable:
@@ -229,8 +256,9 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
     brk = _graph_break_reason()
     if brk and brk not in state.graph_breaks:
         state.graph_breaks.append(brk)
+    strategy = strategy_for(cfg)
     try:
-        inputs, chain, plan = plan_graph(gm, cfg.Fn_compute_blocks, cfg.Bn_compute_blocks)
+        inputs, chain, plan = plan_graph(gm, cfg.Fn_compute_blocks, cfg.Bn_compute_blocks, strategy.granularity)
         _check_whole(chain, module)
     except NoBlockChain as why:
         if opts.strict:
@@ -244,21 +272,25 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
         "segments": [(s.kind, list(s.blocks)) for s in plan.segments],
         "unpaired": plan.unpaired(),
         "unproven": dict(plan.unproven),
+        "regions": {k: "+".join(plan.segments[k].blocks) for k in plan.regions()},
     }
     fake_mode = detect_fake_mode(example_inputs) or TracingContext.get().fake_mode
     compile_graph = _inner_compiler(opts, fake_mode)
-    segments = []
+    pieces, layout = [], None
     for k, seg in enumerate(plan.segments):
         if k == plan.gate_segment:
-            segments.append(_gate_graph(compile_graph, plan, fake_mode))
+            gate, layout = _gate_graph(compile_graph, plan, strategy, fake_mode)
+            pieces.append(gate)
         elif seg.kind == "mid":   # returns the residuals it stores after its outputs
-            segments.append(compile_graph(fuse_residuals(plan.submodule(seg), seg.residual_of),
-                                          plan.example_inputs(seg)))
+            pieces.append(compile_graph(fuse_residuals(plan.submodule(seg), seg.residual_of),
+                                        plan.example_inputs(seg)))
         else:
-            segments.append(compile_graph(plan.submodule(seg), plan.example_inputs(seg)))
-    taylor = _taylor_graphs(compile_graph, plan, cfg.taylorseer_order, fake_mode) if cfg.enable_taylorseer else {}
+            pieces.append(compile_graph(plan.submodule(seg), plan.example_inputs(seg)))
+    calibrator = cfg.calibrator()
+    regions = _region_calibrators(compile_graph, plan, calibrator, fake_mode) if calibrator is not None else {}
+    handler = strategy(cfg, plan, state, chain.names)
     timesteps = {i: inputs.name(i) for i in inputs.timestep_candidates}
-    return CachedGraph(plan, segments, taylor, state, timesteps, inputs.user_inputs)
+    return CachedGraph(plan, pieces, layout, handler, regions, state, timesteps, inputs.user_inputs)
 
 
 def _find_state(model: Any) -> ModelState:

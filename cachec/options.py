@@ -1,9 +1,13 @@
 """Typed, validated options for the cachec backend.
 
-Two layers:
+Three layers:
 
-* ``DBCacheConfig``: the caching schedule, with the field names of cache-dit's /
-  vllm-omni's ``cache_config`` spelled exactly as they spell them.
+* strategy configs, one frozen dataclass per strategy, with the field names of
+  cache-dit's / vllm-omni's ``cache_config`` spelled exactly as they spell them:
+  ``DBCacheConfig`` and ``DBPruneConfig`` (which adds cache-dit's prune keys);
+  the runtime maps each config type to its handler (``runtime.strategies``);
+* calibrator configs (``TaylorSeerCalibratorConfig``, ``FoCaCalibratorConfig``),
+  cache-dit's ``calibrator_config``: how a cached residual is extrapolated;
 * ``BackendOptions``: how cachec compiles (inner backend, strictness) plus the
   cache config.
 
@@ -19,17 +23,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-__all__ = ["DBCacheConfig", "BackendOptions", "parse_options", "steps_mask", "INNER_BACKENDS"]
+__all__ = ["DBCacheConfig", "DBPruneConfig", "TaylorSeerCalibratorConfig", "FoCaCalibratorConfig",
+           "BackendOptions", "parse_options", "steps_mask", "INNER_BACKENDS"]
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+
+from .scm import steps_mask  # noqa: E402  (re-exported: cachec.steps_mask)
 
 # Keys that belong to strategies which have not landed yet. They are part of the
 # vocabulary we accept, so they get a clear "not supported yet" instead of a
 # did-you-mean.
-_PLANNED_KEYS = (
-    "scm_steps_mask_policy", "scm_steps_policy",
-    "strategy", "cache_ratio", "warmup", "cooldown",
-)
+_PLANNED_KEYS = ("strategy", "cache_ratio", "warmup", "cooldown")
 
 
 def _is_int(v: Any) -> bool:
@@ -81,8 +85,8 @@ def _opt_mask(name, v):
         return
     if isinstance(v, str):
         raise ValueError(
-            f"{name}={v!r} is not supported yet: named masks (cache-dit's 'slow'/'medium'/'fast'/'ultra') "
-            f"come with the SCM presets; pass an explicit list of 0/1 per step, e.g. [1, 1, 1, 1, 0, 1, 0, 1]")
+            f"{name}={v!r} is invalid: a named mask goes in scm_steps_mask_policy={v!r} "
+            f"(with num_inference_steps); {name} takes a list of 0/1 per step, e.g. [1, 1, 1, 1, 0, 1, 0, 1]")
     if not isinstance(v, (list, tuple)) or not v or any(not _is_int(m) or m not in (0, 1) for m in v):
         raise ValueError(f"{name}={v!r} is invalid: expected None or a non-empty list of 0 (cache) / 1 (compute) "
                          f"per step")
@@ -94,24 +98,28 @@ def _policy(name, v):
 
 
 SCM_POLICIES = ("dynamic", "static")
+SCM_MASK_POLICIES = ("slow", "medium", "fast", "ultra")
 
 
-def steps_mask(compute_bins: list, cache_bins: list) -> list:
-    """A ``steps_computation_mask`` from alternating runs, computing first (cache-dit's bins).
+def _opt_policy(name, v):
+    if v is not None and v not in SCM_POLICIES:
+        raise ValueError(f"{name}={v!r} is invalid: expected None or one of {SCM_POLICIES}")
 
-    ``steps_mask([6, 1, 1], [1, 3])`` is six 1s, one 0, one 1, three 0s, one 1: 12 steps.
-    There is one more compute bin than cache bins, so the last step computes.
-    """
-    for name, bins in (("compute_bins", compute_bins), ("cache_bins", cache_bins)):
-        if not isinstance(bins, (list, tuple)) or any(not _is_int(n) or n < 1 for n in bins):
-            raise ValueError(f"{name}={bins!r} is invalid: expected a list of ints >= 1 (run lengths)")
-    if len(compute_bins) != len(cache_bins) + 1:
-        raise ValueError(f"compute_bins={list(compute_bins)} and cache_bins={list(cache_bins)} are invalid together: "
-                         f"runs alternate compute, cache, ..., compute, so there is one more compute bin")
-    mask = [1] * compute_bins[0]
-    for cache, compute in zip(cache_bins, compute_bins[1:]):
-        mask += [0] * cache + [1] * compute
-    return mask
+
+def _opt_named_mask(name, v):
+    if v is not None and v not in SCM_MASK_POLICIES:
+        raise ValueError(f"{name}={v!r} is invalid: expected None or one of {SCM_MASK_POLICIES}")
+
+
+def _opt_calibrator(name, v):
+    if v is not None and not isinstance(v, CALIBRATOR_CONFIGS):
+        raise ValueError(f"{name}={v!r} is invalid: expected None, a cachec.TaylorSeerCalibratorConfig or "
+                         f"cachec.FoCaCalibratorConfig, or a dict with calibrator_type in {CALIBRATOR_TYPES}")
+
+
+def _block_ids(name, v):
+    if not isinstance(v, (list, tuple)) or any(not _is_int(i) or i < 0 for i in v):
+        raise ValueError(f"{name}={v!r} is invalid: expected a list of block indices (ints >= 0)")
 
 
 def _opt(default, check, doc):
@@ -147,14 +155,33 @@ class DBCacheConfig:
         None, _opt_mask, "SCM: 1 (compute) or 0 (cache candidate) per step; sets num_inference_steps when unset")
     steps_computation_policy: str = _opt(
         "dynamic", _policy, "SCM: 'dynamic' caches a 0-step only when the gate agrees, 'static' caches it outright")
+    scm_steps_mask_policy: Optional[str] = _opt(
+        None, _opt_named_mask, "SCM: a named mask ('slow', 'medium', 'fast', 'ultra') scaled to num_inference_steps")
+    scm_steps_policy: Optional[str] = _opt(
+        None, _opt_policy, "SCM: vllm-omni's name for steps_computation_policy")
     enable_taylorseer: bool = _opt(
         False, _bool, "TaylorSeer: on cached steps, extrapolate the cached residual from its finite differences")
     taylorseer_order: int = _opt(1, _int_at_least(1), "TaylorSeer: derivative orders kept per cached residual")
+    calibrator_config: Optional[object] = _opt(
+        None, _opt_calibrator, "cache-dit's calibrator: how cached steps extrapolate the residual (TaylorSeer, FoCa)")
 
     def __post_init__(self):
+        cal = self.calibrator_config
+        if isinstance(cal, Mapping) or (cal is not None and hasattr(cal, "calibrator_type")
+                                         and not isinstance(cal, CALIBRATOR_CONFIGS)):
+            object.__setattr__(self, "calibrator_config", calibrator_from(cal))
         for f in dataclasses.fields(self):
             f.metadata["check"](f.name, getattr(self, f.name))
+        if self.scm_steps_policy is not None:
+            default = _FIELD_DEFAULTS["steps_computation_policy"]
+            if self.steps_computation_policy not in (default, self.scm_steps_policy):
+                raise ValueError(f"scm_steps_policy={self.scm_steps_policy!r} contradicts steps_computation_policy="
+                                 f"{self.steps_computation_policy!r}: they are two names for one setting, give one")
+            object.__setattr__(self, "steps_computation_policy", self.scm_steps_policy)
         mask = self.steps_computation_mask
+        if mask is not None and self.scm_steps_mask_policy is not None:
+            raise ValueError(f"steps_computation_mask and scm_steps_mask_policy={self.scm_steps_mask_policy!r} "
+                             f"are both given: pass either an explicit mask or a named one")
         if mask is not None:
             object.__setattr__(self, "steps_computation_mask", tuple(mask))
             if self.num_inference_steps is None:
@@ -163,12 +190,23 @@ class DBCacheConfig:
                 raise ValueError(
                     f"steps_computation_mask has {len(mask)} entries but "
                     f"num_inference_steps={self.num_inference_steps}: give one 0/1 per step")
+        elif self.scm_steps_mask_policy is not None:
+            if self.num_inference_steps is None:
+                raise ValueError(
+                    f"scm_steps_mask_policy={self.scm_steps_mask_policy!r} needs num_inference_steps: a named mask "
+                    f"is scaled to the step count, so give num_inference_steps (or an explicit "
+                    f"steps_computation_mask)")
+            mask = self.steps_mask_for(self.num_inference_steps)
         elif self.steps_computation_policy != _FIELD_DEFAULTS["steps_computation_policy"]:
             raise ValueError(
-                f"steps_computation_policy={self.steps_computation_policy!r} needs a steps_computation_mask: "
-                f"it says what to do on the mask's cache steps")
+                f"steps_computation_policy={self.steps_computation_policy!r} needs a steps_computation_mask "
+                f"or scm_steps_mask_policy: it says what to do on the mask's cache steps")
         if not self.enable_taylorseer and self.taylorseer_order != _FIELD_DEFAULTS["taylorseer_order"]:
             raise ValueError(f"taylorseer_order={self.taylorseer_order!r} needs enable_taylorseer=True")
+        if self.enable_taylorseer and self.calibrator_config is not None:
+            raise ValueError(f"enable_taylorseer=True and calibrator_config={self.calibrator_config!r} are both "
+                             f"given: use one (calibrator_config=cachec.TaylorSeerCalibratorConfig("
+                             f"taylorseer_order={self.taylorseer_order}) is the same as the flat keys)")
         n = self.num_inference_steps
         if n is not None and mask is None and self.max_warmup_steps >= n:   # a mask truncates warmup
             raise ValueError(
@@ -182,31 +220,160 @@ class DBCacheConfig:
                         f"{name}={getattr(self, name)!r} contradicts enable_separate_cfg=False: "
                         f"it only applies to separate CFG; leave it at {default!r} or set enable_separate_cfg=True/None")
 
+    cache_type = "DBCache"
+
     def short_name(self) -> str:
         """cache-dit style tag, e.g. ``F1B0W4I1M0MC3_R0.24``."""
-        return (f"F{self.Fn_compute_blocks}B{self.Bn_compute_blocks}W{self.max_warmup_steps}"
+        mask = self.steps_mask_for(self.num_inference_steps)
+        scm = "" if mask is None else (
+            f"_SCM{self.scm_steps_mask_policy or ''.join(map(str, mask))}_{self.steps_computation_policy}")
+        cal = self.calibrator()
+        return (("" if self.cache_type == "DBCache" else f"{self.cache_type}_")
+                + f"F{self.Fn_compute_blocks}B{self.Bn_compute_blocks}W{self.max_warmup_steps}"
                 f"I{self.warmup_interval}M{max(0, self.max_cached_steps)}"
                 f"MC{max(0, self.max_continuous_cached_steps)}_R{self.residual_diff_threshold}"
-                + ("" if self.steps_computation_mask is None else
-                   f"_SCM{''.join(map(str, self.steps_computation_mask))}_{self.steps_computation_policy}")
-                + (f"_TaylorSeer_O({self.taylorseer_order})" if self.enable_taylorseer else ""))
+                + scm + ("" if cal is None else "_" + cal.short_name()))
 
-    def warmup_steps(self) -> frozenset:
+    def steps_mask_for(self, num_inference_steps: Optional[int]) -> Optional[tuple]:
+        """The SCM mask for a generation of this many steps: the explicit one, or the
+        named one scaled to it (``cachec.steps_mask``); None without a mask."""
+        if self.steps_computation_mask is not None:
+            return self.steps_computation_mask
+        if self.scm_steps_mask_policy is None:
+            return None
+        if num_inference_steps is None:
+            raise ValueError(f"scm_steps_mask_policy={self.scm_steps_mask_policy!r} needs num_inference_steps")
+        from .scm import steps_mask as scm_mask
+        return tuple(scm_mask(total_steps=num_inference_steps, mask_policy=self.scm_steps_mask_policy))
+
+    def calibrator(self) -> Optional["TaylorSeerCalibratorConfig | FoCaCalibratorConfig"]:
+        """The calibrator in effect: ``calibrator_config``, or the flat TaylorSeer keys."""
+        if self.enable_taylorseer:
+            return TaylorSeerCalibratorConfig(taylorseer_order=self.taylorseer_order)
+        cal = self.calibrator_config
+        if cal is None or not (cal.enable_calibrator or cal.enable_encoder_calibrator):
+            return None
+        return cal
+
+    def warmup_steps(self, num_inference_steps: Optional[int] = None) -> frozenset:
         """The steps forced to compute at the start of a generation.
 
         As in cache-dit, a steps_computation_mask truncates warmup to its first run of 1s,
         so a mask that caches early is not overridden by warmup.
         """
         warmup = self.max_warmup_steps
-        if self.steps_computation_mask is not None:
-            leading = next((i for i, m in enumerate(self.steps_computation_mask) if m == 0),
-                           len(self.steps_computation_mask))
+        mask = self.steps_mask_for(num_inference_steps or self.num_inference_steps)
+        if mask is not None:
+            leading = next((i for i, m in enumerate(mask) if m == 0), len(mask))
             warmup = min(warmup, leading)
         return frozenset(range(0, warmup, self.warmup_interval))
 
 
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DBCacheConfig)}
 CACHE_KEYS = tuple(_FIELD_DEFAULTS)
+
+
+@dataclass(frozen=True)
+class DBPruneConfig(DBCacheConfig):
+    """cache-dit's Dynamic Block Prune: each middle block is skipped on its own when the
+    relative L1 change of its input, against the last step it ran, is under the threshold.
+
+    The DBCache keys keep their meaning, per block: warmup and SCM masks force whole
+    steps to compute; ``max_cached_steps`` and ``max_continuous_cached_steps`` bound how
+    often and how long one block is skipped. The threshold compares block inputs, so
+    its scale is not DBCache's; the default is cache-dit's.
+    """
+
+    residual_diff_threshold: float = _opt(
+        0.08, _float_at_least(0.0, " (0 never prunes, >= 1 prunes every block not forced to run)"),
+        "prune a block when the relative L1 change of its input is below this")
+    non_prune_block_ids: tuple = _opt((), _block_ids, "chain indices of blocks never pruned (besides Fn and Bn)")
+    enable_dynamic_prune_threshold: bool = _opt(
+        False, _bool, "raise the threshold to the mean of the step's first 5 positive block diffs x relax ratio")
+    dynamic_prune_threshold_relax_ratio: float = _opt(
+        1.25, _float_at_least(0.0), "the dynamic threshold is this times the mean of the step's first diffs")
+    max_dynamic_prune_threshold: Optional[float] = _opt(
+        None, _opt_positive_float, "the dynamic threshold is used only below this (None: 2 x the threshold)")
+
+    cache_type = "DBPrune"
+
+    def __post_init__(self):
+        object.__setattr__(self, "non_prune_block_ids", tuple(self.non_prune_block_ids)
+                           if isinstance(self.non_prune_block_ids, (list, tuple)) else self.non_prune_block_ids)
+        super().__post_init__()
+        if not self.enable_dynamic_prune_threshold:
+            for name in ("dynamic_prune_threshold_relax_ratio", "max_dynamic_prune_threshold"):
+                if getattr(self, name) != _PRUNE_DEFAULTS[name]:
+                    raise ValueError(f"{name}={getattr(self, name)!r} needs enable_dynamic_prune_threshold=True")
+
+    def max_dynamic_threshold(self) -> float:
+        m = self.max_dynamic_prune_threshold
+        return 2 * self.residual_diff_threshold if m is None else m
+
+
+_PRUNE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DBPruneConfig)}
+PRUNE_KEYS = tuple(k for k in _PRUNE_DEFAULTS if k not in _FIELD_DEFAULTS)
+CACHE_TYPES = {"dbcache": DBCacheConfig, "dbprune": DBPruneConfig}
+
+
+def _calibrator_check(self) -> None:
+    for f in dataclasses.fields(self):
+        f.metadata["check"](f.name, getattr(self, f.name))
+
+
+@dataclass(frozen=True)
+class TaylorSeerCalibratorConfig:
+    """cache-dit's TaylorSeer calibrator: a cached step extrapolates each residual from
+    the finite differences of its values at computed steps (docs/design.md)."""
+
+    taylorseer_order: int = _opt(1, _int_at_least(1), "derivative orders kept per cached residual")
+    enable_calibrator: bool = _opt(True, _bool, "extrapolate the hidden-state residual")
+    enable_encoder_calibrator: bool = _opt(True, _bool, "extrapolate the other residuals (encoder states)")
+
+    calibrator_type = "taylorseer"
+    __post_init__ = _calibrator_check
+
+    def short_name(self) -> str:
+        return f"TaylorSeer_O({self.taylorseer_order})"
+
+
+@dataclass(frozen=True)
+class FoCaCalibratorConfig:
+    """cache-dit's FoCa calibrator (Forecast then Calibrate): a BDF2-style predictor with a
+    Heun corrector anchored at the last computed step; no hyper-parameters (docs/design.md)."""
+
+    enable_calibrator: bool = _opt(True, _bool, "extrapolate the hidden-state residual")
+    enable_encoder_calibrator: bool = _opt(True, _bool, "extrapolate the other residuals (encoder states)")
+
+    calibrator_type = "foca"
+    __post_init__ = _calibrator_check
+
+    def short_name(self) -> str:
+        return "FoCa"
+
+
+CALIBRATOR_CONFIGS = (TaylorSeerCalibratorConfig, FoCaCalibratorConfig)
+CALIBRATOR_TYPES = ("taylorseer", "foca")
+
+
+def calibrator_from(value: Any):
+    """A calibrator config from a dict or a cache-dit config object (``calibrator_type`` says which)."""
+    if isinstance(value, CALIBRATOR_CONFIGS):
+        return value
+    kind = value.get("calibrator_type") if isinstance(value, Mapping) else getattr(value, "calibrator_type", None)
+    if not isinstance(kind, str) or kind.lower() not in CALIBRATOR_TYPES:
+        raise ValueError(f"calibrator_config={value!r} is invalid: calibrator_type={kind!r}, "
+                         f"expected one of {CALIBRATOR_TYPES}")
+    cls = CALIBRATOR_CONFIGS[CALIBRATOR_TYPES.index(kind.lower())]
+    allowed = tuple(f.name for f in dataclasses.fields(cls))
+    if isinstance(value, Mapping):
+        fields = {k: v for k, v in value.items() if k != "calibrator_type"}
+    else:   # cache-dit's CalibratorConfig and its subclasses: the same field names
+        fields = {k: getattr(value, k) for k in allowed if hasattr(value, k)}
+    for k in fields:
+        if k not in allowed:
+            raise _unknown_key(k, allowed, f" of calibrator_config ({kind})")
+    return cls(**fields)
 
 
 @dataclass(frozen=True)
@@ -219,8 +386,8 @@ class BackendOptions:
 
     def __post_init__(self):
         if not isinstance(self.cache_config, DBCacheConfig):
-            raise ValueError(
-                f"cache_config={self.cache_config!r} is invalid: expected a cachec.DBCacheConfig or a dict of its fields")
+            raise ValueError(f"cache_config={self.cache_config!r} is invalid: expected a cachec.DBCacheConfig, "
+                             f"a cachec.DBPruneConfig or a dict of their fields")
         if self.inner_backend not in INNER_BACKENDS:
             raise ValueError(f"inner_backend={self.inner_backend!r} is invalid: expected one of {INNER_BACKENDS}")
         _bool("strict", self.strict)
@@ -229,27 +396,41 @@ class BackendOptions:
 BACKEND_KEYS = ("cache_config", "inner_backend", "strict")
 
 
-def _unknown_key(key: Any, known: tuple) -> ValueError:
+def _unknown_key(key: Any, known: tuple, where: str = "") -> ValueError:
     if not isinstance(key, str):
-        return ValueError(f"option key {key!r} is invalid: keys are strings, one of {sorted(known)}")
+        return ValueError(f"option key {key!r}{where} is invalid: keys are strings, one of {sorted(known)}")
     if key in _PLANNED_KEYS:
         return ValueError(f"option {key!r} is not supported yet by this version of cachec "
                           f"(supported: {sorted(known)})")
+    if key in PRUNE_KEYS:
+        return ValueError(f"option {key!r} is a DBPrune option: add cache_type='DBPrune' (or pass "
+                          f"cache_config=cachec.DBPruneConfig(...)) to prune blocks")
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"unknown option {key!r}{hint} (allowed: {sorted(known)})")
+    return ValueError(f"unknown option {key!r}{where}{hint} (allowed: {sorted(known)})")
+
+
+def _strategy_config(fields: Mapping) -> DBCacheConfig:
+    """The strategy config for flat keys, ``cache_type`` choosing which (default DBCache)."""
+    fields = dict(fields)
+    kind = fields.pop("cache_type", "DBCache")
+    cls = CACHE_TYPES.get(kind.lower()) if isinstance(kind, str) else None
+    if cls is None:
+        raise ValueError(f"cache_type={kind!r} is invalid: expected one of {[c.cache_type for c in CACHE_TYPES.values()]}")
+    keys = tuple(f.name for f in dataclasses.fields(cls))
+    for k in fields:
+        if k not in keys:
+            raise _unknown_key(k, keys + ("cache_type",))
+    return cls(**fields)
 
 
 def _cache_config_from(value: Any) -> DBCacheConfig:
     if isinstance(value, DBCacheConfig):
         return value
     if isinstance(value, Mapping):
-        for k in value:
-            if k not in CACHE_KEYS:
-                raise _unknown_key(k, CACHE_KEYS)
-        return DBCacheConfig(**value)
-    raise ValueError(
-        f"cache_config={value!r} is invalid: expected a cachec.DBCacheConfig or a dict of its fields")
+        return _strategy_config(value)
+    raise ValueError(f"cache_config={value!r} is invalid: expected a cachec.DBCacheConfig, a "
+                     f"cachec.DBPruneConfig or a dict of their fields")
 
 
 def parse_options(options: Optional[Mapping[str, Any]]) -> BackendOptions:
@@ -263,12 +444,12 @@ def parse_options(options: Optional[Mapping[str, Any]]) -> BackendOptions:
         return BackendOptions()
     if not isinstance(options, Mapping):
         raise ValueError(f"options={options!r} is invalid: expected a dict")
-    known = BACKEND_KEYS + CACHE_KEYS
+    known = BACKEND_KEYS + CACHE_KEYS + ("cache_type",)
     backend_kw, flat = {}, {}
     for k, v in options.items():
         if k in BACKEND_KEYS:
             backend_kw[k] = v
-        elif k in CACHE_KEYS:
+        elif k in known or k in PRUNE_KEYS:
             flat[k] = v
         else:
             raise _unknown_key(k, known)
@@ -279,5 +460,5 @@ def parse_options(options: Optional[Mapping[str, Any]]) -> BackendOptions:
                 f"flat or inside cache_config, not both")
         backend_kw["cache_config"] = _cache_config_from(backend_kw["cache_config"])
     else:
-        backend_kw["cache_config"] = DBCacheConfig(**flat)
+        backend_kw["cache_config"] = _strategy_config(flat)
     return BackendOptions(**backend_kw)

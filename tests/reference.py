@@ -145,3 +145,82 @@ class HookedDBCache:
             new = tuple(r if n is None else run_in[n] + r for r, n in zip(b["res"][k], pairs))
             return new if isinstance(out, tuple) else new[0]
         return hook
+
+
+class HookedDBPrune:
+    """DBPrune restated eagerly on any model: each middle block's forward is wrapped.
+
+    ``returns(block)`` names what the block returns, in order: "h" (continues its
+    ``hidden_states`` input), "e" (continues ``encoder_hidden_states``) or "v" (a
+    value made inside, reused as it was). Before the first middle block runs, each
+    middle block i gets its signal from the probe ``x_0`` = that block's hidden input,
+    ``x_{i+1} = x_i + R_i`` (R: the hidden residual it stored), against the hidden
+    input it stored, ``sum|s_i - x_i| / sum|s_i|``; a block skips when the signal is
+    under ``threshold`` and it has not been skipped ``max_continuous`` times in a row.
+    Warmup steps and a branch's first step run every block. ``ran[branch][step]``
+    lists the middle blocks that ran.
+    """
+
+    def __init__(self, model, chain: list[str], Fn: int, Bn: int, threshold: float, warmup: int,
+                 max_continuous: int, returns):
+        self.model, self.threshold, self.warmup, self.max_cont = model, threshold, warmup, max_continuous
+        self.middle = chain[Fn:len(chain) - Bn]
+        self.returns = returns
+        self.ran: dict = {}
+        self.state: dict = {}
+        self.branch, self.now = None, 0
+        self.originals = {}
+        for name in self.middle:
+            block = model.get_submodule(name)
+            self.originals[name] = block.forward
+            block.forward = self._wrapped(name, block.forward)
+
+    def step(self, step: int, branch: str) -> None:
+        self.now, self.branch = step, branch
+
+    def remove(self) -> None:
+        for name, fwd in self.originals.items():
+            self.model.get_submodule(name).forward = fwd
+
+    @staticmethod
+    def _args(fwd, args, kwargs) -> dict:
+        import inspect
+        return inspect.signature(fwd).bind(*args, **kwargs).arguments
+
+    def _decide(self, x: torch.Tensor) -> set:
+        st = self.state.setdefault(self.branch, {})
+        if self.now < self.warmup or not st:
+            return set()
+        skip, probe = set(), x.float()
+        for name in self.middle:
+            s = st.get(name)
+            if s is None:
+                continue
+            d = float((s["input"].float() - probe).abs().sum() / s["input"].float().abs().sum())
+            if d < self.threshold and not (0 <= self.max_cont <= s["continuous"]):
+                skip.add(name)
+            probe = probe + s["residual"]["h"].float()
+        return skip
+
+    def _wrapped(self, name, fwd):
+        def forward(*args, **kwargs):
+            a = self._args(fwd, args, kwargs)
+            roles = self.returns(name)
+            if name == self.middle[0]:
+                self.skip = self._decide(a["hidden_states"])
+                self.ran.setdefault(self.branch, {})[self.now] = []
+            st = self.state[self.branch]
+            inputs = {"h": a["hidden_states"], "e": a.get("encoder_hidden_states")}
+            if name in self.skip:
+                s = st[name]
+                s["continuous"] += 1
+                outs = [s["values"][k] if r == "v" else inputs[r] + s["residual"][r] for k, r in enumerate(roles)]
+            else:
+                self.ran[self.branch][self.now].append(name)
+                out = fwd(*args, **kwargs)
+                outs = list(out) if isinstance(out, tuple) else [out]
+                st[name] = {"input": inputs["h"], "continuous": 0,
+                            "residual": {r: o - inputs[r] for r, o in zip(roles, outs) if r != "v"},
+                            "values": {k: o for k, (r, o) in enumerate(zip(roles, outs)) if r == "v"}}
+            return tuple(outs) if len(outs) > 1 else outs[0]
+        return forward

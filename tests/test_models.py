@@ -13,7 +13,7 @@ from reference import HookedDBCache
 from tiny_models import MODEL_NAMES, build
 
 REQUIRED = ["flux", "sd3", "wan", "pixart", "cogvideox", "qwenimage"]
-# dynamo graph-breaks inside every block of these (DESIGN.md section 2): no graph holds a whole loop
+# dynamo graph-breaks inside every block of these (docs/design.md, "The passes"): no graph holds a whole loop
 BREAK_IN_EVERY_BLOCK = {"mochi": "aten.nonzero", "hidream": "aten.bincount"}
 CHAINED = [n for n in MODEL_NAMES if n not in BREAK_IN_EVERY_BLOCK]
 STEPS = 6

@@ -97,7 +97,8 @@ def test_steps_computation_policy_and_named_masks():
         cachec.DBCacheConfig(steps_computation_mask=[1, 0], steps_computation_policy="fixed")
     with pytest.raises(ValueError, match="steps_computation_policy='static' needs a steps_computation_mask"):
         parse_options({"steps_computation_policy": "static"})
-    with pytest.raises(ValueError, match="steps_computation_mask='fast' is not supported yet.*explicit list"):
+    with pytest.raises(ValueError, match="steps_computation_mask='fast' is invalid: a named mask goes in "
+                                         "scm_steps_mask_policy='fast'"):
         parse_options({"steps_computation_mask": "fast", "num_inference_steps": 28})
     c = parse_options({"steps_computation_mask": [1, 1, 0, 1], "steps_computation_policy": "static"}).cache_config
     assert c.short_name().endswith("_SCM1101_static")
@@ -150,3 +151,96 @@ def test_bad_option_surfaces_on_first_call_of_torch_compile():
     compiled = torch.compile(torch.nn.Linear(2, 2), backend="cachec", options={"Fn_compute_block": 1})
     with pytest.raises(Exception, match="did you mean 'Fn_compute_blocks'"):
         compiled(torch.randn(1, 2))
+
+
+FAST_28 = "111111" "0" "1" "000" "1" "0000" "1" "00000" "1" "0000" "1"   # cache-dit's bins, written out
+
+
+def test_named_scm_masks_spelled_as_vllm_omni_spells_them():
+    c = parse_options({"scm_steps_mask_policy": "fast", "scm_steps_policy": "static",
+                       "num_inference_steps": 28}).cache_config
+    assert "".join(map(str, c.steps_mask_for(28))) == FAST_28 and c.steps_computation_policy == "static"
+    assert c.warmup_steps() == frozenset(range(4))   # the mask's leading 1s do not cut warmup 4
+    assert c.short_name().endswith("_SCMfast_static")
+    assert len(c.steps_mask_for(50)) == 50   # a refresh to another step count scales the mask
+    with pytest.raises(ValueError, match="scm_steps_mask_policy='fast' needs num_inference_steps"):
+        parse_options({"scm_steps_mask_policy": "fast"})
+    with pytest.raises(ValueError, match=r"scm_steps_mask_policy='quick'.*\('slow', 'medium', 'fast', 'ultra'\)"):
+        parse_options({"scm_steps_mask_policy": "quick", "num_inference_steps": 28})
+    with pytest.raises(ValueError, match="scm_steps_policy='dynamic' contradicts steps_computation_policy='static'"):
+        parse_options({"scm_steps_mask_policy": "fast", "num_inference_steps": 28, "scm_steps_policy": "dynamic",
+                       "steps_computation_policy": "static"})
+    with pytest.raises(ValueError, match="pass either an explicit mask or a named one"):
+        parse_options({"scm_steps_mask_policy": "fast", "steps_computation_mask": [1, 0, 1]})
+
+
+PRUNE_ONLY = {"non_prune_block_ids": [1], "enable_dynamic_prune_threshold": True,
+              "dynamic_prune_threshold_relax_ratio": 1.5, "max_dynamic_prune_threshold": 0.2}
+
+
+def test_dbprune_by_cache_type_or_typed_config():
+    flat = parse_options({"cache_type": "DBPrune", "residual_diff_threshold": 0.05, **PRUNE_ONLY}).cache_config
+    typed = cachec.DBPruneConfig(residual_diff_threshold=0.05, **PRUNE_ONLY)
+    assert flat == typed and parse_options({"cache_config": typed}).cache_config is typed
+    assert parse_options({"cache_config": {"cache_type": "dbprune", **PRUNE_ONLY}}).cache_config == \
+        cachec.DBPruneConfig(**PRUNE_ONLY)
+    assert typed.non_prune_block_ids == (1,) and typed.short_name().startswith("DBPrune_F1B0")
+    assert cachec.DBPruneConfig().residual_diff_threshold == 0.08 and cachec.DBPruneConfig().max_dynamic_threshold() == 0.16
+    assert type(parse_options({"cache_type": "DBCache"}).cache_config) is cachec.DBCacheConfig
+
+
+@given(key=st.sampled_from(sorted(PRUNE_ONLY)))
+def test_prune_keys_without_cache_type_say_how_to_prune(key):
+    with pytest.raises(ValueError, match=f"option '{key}' is a DBPrune option: add cache_type='DBPrune'"):
+        parse_options({key: PRUNE_ONLY[key]})
+
+
+@given(value=st.one_of(st.text(max_size=4), st.integers(), st.none()))
+def test_cache_type_names_the_strategies(value):
+    if isinstance(value, str) and value.lower() in ("dbcache", "dbprune"):
+        parse_options({"cache_type": value})
+        return
+    with pytest.raises(ValueError, match=r"cache_type=.* expected one of \['DBCache', 'DBPrune'\]"):
+        parse_options({"cache_type": value})
+
+
+@given(ids=st.one_of(st.lists(st.integers(-2, 5), max_size=3), st.text(max_size=2), st.integers()))
+def test_non_prune_block_ids_are_block_indices(ids):
+    if isinstance(ids, list) and all(i >= 0 for i in ids):
+        assert cachec.DBPruneConfig(non_prune_block_ids=ids).non_prune_block_ids == tuple(ids)
+    else:
+        with pytest.raises(ValueError, match="non_prune_block_ids=.*block indices"):
+            cachec.DBPruneConfig(non_prune_block_ids=ids)
+
+
+def test_dynamic_prune_knobs_need_the_switch():
+    with pytest.raises(ValueError, match="dynamic_prune_threshold_relax_ratio=2 needs enable_dynamic_prune_threshold"):
+        cachec.DBPruneConfig(dynamic_prune_threshold_relax_ratio=2)
+
+
+def test_calibrator_config_typed_dict_or_flat():
+    ts = cachec.TaylorSeerCalibratorConfig(taylorseer_order=2)
+    assert parse_options({"calibrator_config": ts}).cache_config.calibrator() == ts
+    assert parse_options({"calibrator_config": {"calibrator_type": "taylorseer", "taylorseer_order": 2}}) \
+        .cache_config.calibrator() == ts
+    assert parse_options({"enable_taylorseer": True, "taylorseer_order": 2}).cache_config.calibrator() == ts
+    foca = parse_options({"calibrator_config": {"calibrator_type": "FoCa"}}).cache_config
+    assert foca.calibrator() == cachec.FoCaCalibratorConfig() and foca.short_name().endswith("_FoCa")
+    off = cachec.FoCaCalibratorConfig(enable_calibrator=False, enable_encoder_calibrator=False)
+    assert cachec.DBCacheConfig(calibrator_config=off).calibrator() is None
+    with pytest.raises(ValueError, match=r"calibrator_type='dmd', expected one of \('taylorseer', 'foca'\)"):
+        parse_options({"calibrator_config": {"calibrator_type": "dmd"}})
+    with pytest.raises(ValueError, match="unknown option 'taylorseer_order' of calibrator_config"):
+        parse_options({"calibrator_config": {"calibrator_type": "foca", "taylorseer_order": 2}})
+    with pytest.raises(ValueError, match="enable_taylorseer=True and calibrator_config=.* are both given"):
+        parse_options({"enable_taylorseer": True, "calibrator_config": cachec.FoCaCalibratorConfig()})
+    with pytest.raises(ValueError, match="calibrator_config=3 is invalid"):
+        parse_options({"calibrator_config": 3})
+
+
+def test_cache_dits_own_calibrator_configs_are_accepted():
+    cache_dit = pytest.importorskip("cache_dit")
+    c = parse_options({"calibrator_config": cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=2)}).cache_config
+    assert c.calibrator() == cachec.TaylorSeerCalibratorConfig(taylorseer_order=2)
+    c = parse_options({"calibrator_config": cache_dit.FoCaCalibratorConfig()}).cache_config
+    assert c.calibrator() == cachec.FoCaCalibratorConfig()

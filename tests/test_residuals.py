@@ -5,7 +5,8 @@ import torch.fx as fx
 from hypothesis import given, settings, strategies as st
 
 import cachec
-from cachec.passes.residuals import fuse_gate_diff, fuse_residuals
+from cachec.passes.residuals import fuse_gate_signals, fuse_residuals
+from cachec.plan import probe_sums
 from toy import ToyDiT, fn_residual
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -38,16 +39,17 @@ def rel_l1(prev, cur):
 def test_fused_graph_returns_the_outputs_the_residual_and_its_relative_l1(tokens, dim, dtype):
     gm = fx.symbolic_trace(JointBlock())
     args, prev = inputs(tokens, dim, dtype)
-    fused = fuse_gate_diff(gm, hidden_in=1, hidden_out=1)
-    *outs, residual, diff = fused(*args, prev)
+    fused = fuse_gate_signals(gm, hidden_in=1, hidden_out=1, signal="residual")
+    *outs, residual, sums = fused(*args, prev)
     want = gm(*args)
     assert len(outs) == len(want)
     for o, w in zip(outs, want):
         torch.testing.assert_close(o, w, rtol=0, atol=0)
     assert not want[1].is_contiguous() and residual.is_contiguous()
     torch.testing.assert_close(residual, want[1] - args[1], rtol=0, atol=0)
-    assert diff.dtype == torch.float32 and diff.dim() == 0
-    assert float(diff) == pytest.approx(rel_l1(prev, residual), rel=1e-5)
+    assert sums.dtype == torch.float32 and sums.shape == (1, 2)   # partial sums, not a ratio
+    assert float(sums[0, 0]) == pytest.approx(float((prev.double() - residual.double()).abs().sum()), rel=1e-5)
+    assert float(sums[0, 0] / sums[0, 1]) == pytest.approx(rel_l1(prev, residual), rel=1e-5)
 
 
 @settings(max_examples=10, deadline=None)
@@ -75,9 +77,10 @@ def test_fused_graph_through_inductor_matches_the_eager_gate(dtype, device):
     """Inductor takes the residual from the output before rounding it to dtype: one ulp of the output."""
     gm = fx.symbolic_trace(JointBlock())
     args, prev = inputs(127, 64, dtype, device=device)
-    fused = fuse_gate_diff(gm, hidden_in=1, hidden_out=1)
+    fused = fuse_gate_signals(gm, hidden_in=1, hidden_out=1, signal="residual")
     torch._dynamo.reset()
-    *outs, residual, diff = torch.compile(fused, backend="inductor", dynamic=False)(*args, prev)
+    *outs, residual, sums = torch.compile(fused, backend="inductor", dynamic=False)(*args, prev)
+    diff = sums[0, 0] / sums[0, 1]
     want = gm(*args)
     ulp = torch.finfo(dtype).eps * float(want[1].abs().max())
     for o, w in zip(outs, want):   # eager rounds gate * attn before adding
@@ -105,3 +108,26 @@ def test_residualss_through_inductor_are_the_relative_l1_of_the_fn_residual():
         assert s.residual_diffs[step] == pytest.approx(want, rel=1e-5)
         if step in s.computed_steps:
             last = step
+
+
+@settings(max_examples=10, deadline=None)
+@given(blocks=st.integers(0, 4), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 100))
+def test_fused_probe_returns_each_blocks_input_change_along_the_reuse_trajectory(blocks, dtype, seed):
+    """Row i compares block i's stored input with x + residual_0 + ... + residual_{i-1},
+    restated here in float64 block by block."""
+    gm = fx.symbolic_trace(JointBlock())
+    args, _ = inputs(9, 8, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    pairs = [torch.randn(2, 9, 8, generator=g).to(dtype) for _ in range(2 * blocks)]
+    *outs, sums = fuse_gate_signals(gm, hidden_in=1, hidden_out=1, signal="probe", probes=blocks)(*args, *pairs)
+    want = gm(*args)
+    for o, w in zip(outs, want):
+        torch.testing.assert_close(o, w, rtol=0, atol=0)
+    assert sums.shape == (blocks, 2) and sums.dtype == torch.float32
+    x = want[1].double()
+    for i in range(blocks):
+        stored, residual = pairs[2 * i].double(), pairs[2 * i + 1].double()
+        assert float(sums[i, 0]) == pytest.approx(float((stored - x).abs().sum()), rel=1e-4)
+        assert float(sums[i, 1]) == pytest.approx(float(stored.abs().sum()), rel=1e-4)
+        x = x + residual
+    torch.testing.assert_close(probe_sums(want[1], *pairs), sums)

@@ -66,7 +66,7 @@ def reference_outputs(model: ToyDiT, x, ts, computed, Fn=1, Bn=0, order=0):
     middle runs and its residual (output - input) is stored; on any other step
     the middle's output is its input plus the stored residual, or with
     TaylorSeer (``order`` >= 1) plus ``sum_i d[i] k^i / i!`` over the
-    derivative table ``d[i+1] = (d[i]_new - d[i]_old) / n`` (DESIGN.md s. 3).
+    derivative table ``d[i+1] = (d[i]_new - d[i]_old) / n`` (docs/design.md, "Calibrators").
     """
     n = len(model.blocks)
     first, mid, last = model.blocks[:Fn], model.blocks[Fn:n - Bn], model.blocks[n - Bn:]

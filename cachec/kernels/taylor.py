@@ -33,7 +33,7 @@ a scratch buffer, recomputing each from every order, then copies it back into
 derivs (read from its generated C++): ~78 bytes per element against the
 kernel's 26. So cachec's runtime calls taylor_update_ (the kernel on CUDA, the
 eager reference elsewhere), while a cached step runs inductor's code for
-apply (cachec/passes/taylor.py: it also writes strided outputs, which this
+apply (the combination graph of cachec/passes/calibrate.py: it also writes strided outputs, which this
 kernel does not). taylor_apply stays here for bench/kernels.py, whose GPU
 rows compare it with the compiled reference; no GPU was lent to take them.
 """

@@ -10,26 +10,31 @@ The passes run in this order (see ``plan_graph``):
 4. ``split_chain``         prologue | Fn | middle | Bn | epilogue segments,
                            with the residual pairing of each gated segment
 
-then the backend runs ``fuse_gate_diff`` on the Fn segment (the gate's
-residual and relative L1 compile into the Fn code) and ``fuse_residuals`` on
-each middle segment (the residuals a computed step stores, likewise).
+then the backend runs ``fuse_gate_signals`` on the Fn segment (the gate's
+signals, as partial sums, compile into the Fn code) and ``fuse_residuals`` on
+each middle segment (the residuals a computed step stores, likewise). The
+conventions of what each compiled piece returns live in ``cachec.plan``.
 """
 from .inputs import GraphInputs, find_graph_inputs
 from .loops import Block, BlockLoop, find_block_loops
 from .chain import BlockChain, find_block_chain, NoBlockChain
-from .split import Segment, SplitPlan, split_chain
-from .residuals import fuse_gate_diff, fuse_residuals
+from ..plan import Segment, SplitPlan
+from .split import split_chain
+from .residuals import fuse_gate_signals, fuse_residuals
 
 __all__ = [
     "GraphInputs", "find_graph_inputs", "Block", "BlockLoop", "find_block_loops",
     "BlockChain", "find_block_chain", "NoBlockChain", "Segment", "SplitPlan", "split_chain",
-    "plan_graph", "fuse_gate_diff", "fuse_residuals",
+    "plan_graph", "fuse_gate_signals", "fuse_residuals",
 ]
 
 
-def plan_graph(gm, Fn: int, Bn: int):
-    """Run the passes in order; raise ``NoBlockChain`` when the graph has no chain."""
+def plan_graph(gm, Fn: int, Bn: int, granularity: str = "stretch"):
+    """Run the passes in order; raise ``NoBlockChain`` when the graph has no chain.
+
+    ``granularity`` is what the strategy gates: "stretch" (the middle in as few
+    regions as the chain allows) or "block" (one region per middle block)."""
     inputs = find_graph_inputs(gm)
     loops = find_block_loops(gm)
     chain = find_block_chain(gm, loops, inputs)
-    return inputs, chain, split_chain(gm, chain, Fn, Bn)
+    return inputs, chain, split_chain(gm, chain, Fn, Bn, granularity)

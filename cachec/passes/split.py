@@ -2,57 +2,17 @@
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
-
 import torch
 import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 
+from ..plan import Segment, SplitPlan
 from .chain import BlockChain, NoBlockChain
 from .inputs import example_value, is_module_state
 from .roles import same_layout, trace_skip_paths
 
 
-@dataclass
-class Segment:
-    # prologue, fn, glue, mid, always, bn or epilogue. Only "mid" segments are
-    # gated. "glue" joins two stretches whose carried shapes differ (text and
-    # image tokens concatenated); "always" holds middle blocks whose residual
-    # roles could not be proven. Both always run, like the rest.
-    kind: str
-    blocks: list[str]
-    module_name: str = ""                       # submodule name in the split parent
-    input_names: list[str] = field(default_factory=list)
-    output_names: list[str] = field(default_factory=list)
-    # mid segments: for each output, the index of the input it continues (its
-    # residual is output - input), or None: no input to pair with, so the output
-    # is reused as a value on cached steps
-    residual_of: list[int | None] = field(default_factory=list)
-
-
-@dataclass
-class SplitPlan:
-    parent: fx.GraphModule
-    segments: list[Segment]
-    gate_segment: int          # index of the fn segment whose residual drives the gate
-    gate_hidden_in: int        # its input index of the hidden states
-    gate_hidden_out: int       # its output index of the hidden states
-    example_values: dict[str, object]   # original node name -> fake value
-    unproven: dict[str, list[str]] = field(default_factory=dict)   # block -> outputs of unproven role
-
-    def submodule(self, seg: Segment) -> fx.GraphModule:
-        return getattr(self.parent, seg.module_name)
-
-    def example_inputs(self, seg: Segment) -> list:
-        return [self.example_values[n] for n in seg.input_names]
-
-    def unpaired(self) -> list[str]:
-        """Middle outputs with no input to pair with: reused as values on cached steps."""
-        return [o for s in self.segments if s.kind == "mid" for o, j in zip(s.output_names, s.residual_of)
-                if j is None]
-
-
-def _pieces(chain: BlockChain, Fn: int, Bn: int, always: set[int]) -> list[tuple[str, int, int]]:
+def _pieces(chain: BlockChain, Fn: int, Bn: int, always: set[int], per_block: bool) -> list[tuple[str, int, int]]:
     n = len(chain.blocks)
 
     def role(b: int) -> str:
@@ -63,7 +23,8 @@ def _pieces(chain: BlockChain, Fn: int, Bn: int, always: set[int]) -> list[tuple
         return "always" if b in always else "mid"
     pieces: list[list] = []
     for b in range(n):
-        if pieces and pieces[-1][0] == role(b) and b not in chain.stretch_starts:
+        if (pieces and pieces[-1][0] == role(b) and b not in chain.stretch_starts
+                and not (per_block and role(b) == "mid")):
             pieces[-1][2] = b
         else:
             pieces.append([role(b), b, b])
@@ -77,11 +38,12 @@ def _begin(chain: BlockChain, b: int) -> int:
     return blocks[b].first if (b == 0 or b in chain.stretch_starts) else blocks[b - 1].last + 1
 
 
-def _starts(chain: BlockChain, Fn: int, Bn: int, always: set[int]) -> list[tuple[int, str, list[str]]]:
+def _starts(chain: BlockChain, Fn: int, Bn: int, always: set[int],
+            per_block: bool) -> list[tuple[int, str, list[str]]]:
     """(start position, kind, block names) of each segment, in graph order."""
     blocks = chain.blocks
     starts: list[tuple[int, str, list[str]]] = [(0, "prologue", [])]
-    for kind, s, e in _pieces(chain, Fn, Bn, always):
+    for kind, s, e in _pieces(chain, Fn, Bn, always, per_block):
         if s in chain.stretch_starts and blocks[s - 1].last + 1 < blocks[s].first:
             starts.append((blocks[s - 1].last + 1, "glue", []))
         starts.append((_begin(chain, s), kind, [b.name for b in blocks[s:e + 1]]))
@@ -115,13 +77,14 @@ def _run_io(nodes: list[fx.Node], pos: dict, begin: int, end: int) -> tuple[list
     return inputs, outputs
 
 
-def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int) -> SplitPlan:
+def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int, granularity: str = "stretch") -> SplitPlan:
     """Split ``gm`` around the chain.
 
     Expects ``Fn >= 1``, ``Bn >= 0`` and ``Fn + Bn`` below the chain length.
     Guarantees: the parent graph calls one submodule per segment, in order,
     each returning a tuple; every block belongs to exactly one fn/mid/always/bn
-    segment; a mid segment never crosses a stretch boundary. Every output of a
+    segment; a mid segment never crosses a stretch boundary, and with
+    ``granularity="block"`` holds exactly one block. Every output of a
     mid segment shaped like one of its carried inputs continues one of them,
     proven by data flow (``passes.roles``); blocks where that cannot be proven
     go to "always" segments, which run on every step, and are listed in
@@ -146,7 +109,7 @@ def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int) -> Spli
     by_name = {nd.name: nd for nd in nodes}
     while True:   # a run of proven blocks is proven too, unless glue between them breaks the path
         always = {b for b in range(n) if blocks[b].name in unproven}
-        starts = _starts(chain, Fn, Bn, always)
+        starts = _starts(chain, Fn, Bn, always, granularity == "block")
         parent, segments, spans = _split(gm, starts, pos)
         if not any(s.kind == "mid" for s in segments):
             raise NoBlockChain("no middle block returns outputs whose roles are proven by data flow ("
@@ -177,7 +140,29 @@ def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int) -> Spli
     handed_on = set(chain.carried_in[Fn])   # the stream the next block reads, over skip values kept for later
     hidden_out = next((i for i in outs if by_name[g.output_names[i]] in handed_on), outs[0])
     values = {nd.name: example_value(nd) for nd in nodes}
-    return SplitPlan(parent, segments, gate, hidden_in, hidden_out, values, unproven)
+    probe = _follow_hidden(segments, gate, g.output_names[hidden_out])
+    return SplitPlan(parent, segments, gate, hidden_in, hidden_out, values, unproven, probe)
+
+
+def _follow_hidden(segments: list[Segment], gate: int, hidden: str) -> list[int]:
+    """Mark each middle segment's hidden-state input and output, following the stream
+    from the gate's output along the residual pairings; return the run of middle
+    segments right after the gate that the stream passes through unbroken."""
+    probe, unbroken = [], True
+    for k in range(gate + 1, len(segments)):
+        seg = segments[k]
+        if seg.kind != "mid" or hidden not in seg.input_names:
+            unbroken = False
+            continue
+        j = seg.input_names.index(hidden)
+        if j not in seg.residual_of:
+            unbroken = False
+            continue
+        seg.hidden_in, seg.hidden_out = j, seg.residual_of.index(j)
+        hidden = seg.output_names[seg.hidden_out]
+        if unbroken:
+            probe.append(k)
+    return probe
 
 
 def _split(gm: fx.GraphModule, starts: list[tuple[int, str, list[str]]], pos: dict):

@@ -1,7 +1,13 @@
-"""Run-time side of cachec: the gate, step/CFG bookkeeping, policies, summary."""
+"""Run-time side of cachec: the gate, regions, strategies, calibrators, step/CFG bookkeeping, summary.
+
+Nothing here imports ``cachec.passes``: the plan and the positional conventions
+of the compiled pieces come from ``cachec.plan``.
+"""
+from .calibrators import CALIBRATORS, calibrator_for
 from .gate import CachedGraph
-from .policy import DBCachePolicy
-from .state import BranchState, ModelState
+from .state import BranchState, ModelState, RegionCache
+from .strategies import STRATEGIES, strategy_for
 from .summary import CacheSummary, summarize
 
-__all__ = ["CachedGraph", "DBCachePolicy", "BranchState", "ModelState", "CacheSummary", "summarize"]
+__all__ = ["CachedGraph", "BranchState", "ModelState", "RegionCache", "CacheSummary", "summarize",
+           "STRATEGIES", "strategy_for", "CALIBRATORS", "calibrator_for"]

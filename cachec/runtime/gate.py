@@ -1,7 +1,8 @@
 """The rewritten graph at run time: compiled segments with a gate between them.
 
-The gate decision stays in Python between compiled segments: no dynamo guard
-depends on it, so computed and cached steps never recompile (DESIGN.md s. 2).
+The decisions stay in Python between compiled segments: no dynamo guard
+depends on them, so computed and cached steps never recompile
+(docs/design.md, "The runtime").
 """
 from __future__ import annotations
 
@@ -9,144 +10,93 @@ from typing import Callable, Optional
 
 import torch
 
-from ..kernels.taylor import taylor_update_
-from ..passes.taylor import taylor_coefficients
-from ..kernels.relative_l1 import relative_l1_reference
-from ..passes.split import SplitPlan
+from ..plan import GateLayout, SplitPlan, split_region_outputs
 from .context import CallContext
-from .policy import DBCachePolicy
-from .state import BranchState, ModelState
+from .state import BranchState, ModelState, RegionCache
 
 
 class _Call:
     """What the segments of one transformer call share."""
 
-    def __init__(self, plan: tuple):
+    def __init__(self, plan: tuple, n_segments: int):
         self.plan = plan                                  # the segment layout of the graph running
         self.context: Optional[CallContext] = None       # the pipeline's name for the call, if it gave one
-        self.timesteps: list = []                         # timestep tensors to read with the gate's diff
+        self.timesteps: list = []                         # timestep tensors to read with the gate's signals
         self.shape_key: tuple = ()
         self.guess: Optional[BranchState] = None         # the branch predicted before the timestep is read
         self.step = 0
         self.branch: Optional[BranchState] = None
+        self.compute: list = [True] * n_segments          # per segment index: does this region compute?
 
 
 class FnGate(torch.nn.Module):
-    """Runs the first-blocks segment, places the call, then decides whether the middle computes.
+    """Runs the first-blocks segment, places the call, then lets the strategy decide
+    which regions compute.
 
-    ``run`` is the Fn segment with the gate fused in (``passes.residuals``): it
-    takes the stored residual as one more input and returns the segment's
-    outputs, then this step's residual and its relative L1 change.
+    ``run`` is the Fn segment with the strategy's signal fused in
+    (``passes.residuals``; positions in ``plan.GateLayout``): it takes the
+    stored tensors the signal compares with and returns the segment's outputs,
+    the Fn residual (DBCache) and the signal's partial sums.
 
     One host sync per call: the timestep (when the pipeline gave no step index)
-    and the diff come back together in one ``tolist``. The diff is measured
-    against the residual of the branch the state predicts before that read;
-    only if the timestep then places the call elsewhere, in a branch with a
-    residual of its own, is it measured again (a second read, on the rare call
-    where the pattern of calls per step changes).
+    and the sums come back together in one copy. The sums are measured against
+    the branch the state predicts before that read; only if the timestep then
+    places the call elsewhere, in a branch with records of its own, are they
+    measured again (a second read, on the rare call where the pattern of calls
+    per step changes).
     """
 
-    def __init__(self, run: Callable, hidden_in: int, call: _Call, policy: DBCachePolicy, state: ModelState,
-                 read_timestep: Callable[[list], Optional[float]]):
+    def __init__(self, run: Callable, hidden_in: int, hidden_out: int, layout: GateLayout, call: _Call,
+                 strategy, state: ModelState, read_timestep: Callable[[list], Optional[float]]):
         super().__init__()
-        self.run, self.hidden_in = run, hidden_in
-        self.call, self.policy, self.state = call, policy, state
+        self.run, self.hidden_in, self.hidden_out, self.layout = run, hidden_in, hidden_out, layout
+        self.call, self.strategy, self.state = call, strategy, state
         self.read_timestep = read_timestep
 
     def forward(self, *args):
-        call, state = self.call, self.state
-        hidden = args[self.hidden_in]
+        call, state, strategy = self.call, self.state, self.strategy
         guess = call.guess
-        prev = guess.prev_residual if guess is not None else None
-        if prev is not None and prev.shape != hidden.shape:
-            prev = None
-        # with no stored residual the fused diff is measured against zeros and ignored
-        *outs, residual, diff = self.run(*args, prev if prev is not None else torch.zeros(
-            hidden.shape, dtype=hidden.dtype, device=hidden.device))
-        t, measured = None, None
+        extra, measurable = strategy.signal_inputs(guess, args[self.hidden_in])
+        outs, residual, sums = self.layout.split(self.run(*args, *extra))
+        t, read = None, None
         if state.needs_timestep(call.context) and call.timesteps:
-            values = _read([*call.timesteps, diff] if prev is not None else call.timesteps)
+            values = _read([*call.timesteps, sums] if measurable else call.timesteps)
             t = self.read_timestep(values[:len(call.timesteps)])
-            measured = values[-1] if prev is not None else None
+            read = values[len(call.timesteps):] if measurable else None
         step, b = state.begin_call(call.context, t, call.shape_key)
         call.step, call.branch = step, b
         if b.plan is not call.plan:
             if b.plan != call.plan:   # a graph dynamo compiled anew, cut otherwise: its caches start empty
-                b.caches, b.has_cache = {}, False
+                b.regions, b.has_cache = {}, False
             b.plan = call.plan
 
-        def measure() -> Optional[float]:
-            if b is guess and prev is not None:
-                return measured if measured is not None else float(diff)
-            if b.prev_residual is None or b.prev_residual.shape != hidden.shape:
-                return None
-            return float(relative_l1_reference(b.prev_residual, residual))
+        def signals() -> Optional[list]:
+            if b is guess and measurable:
+                return read if read is not None else sums.flatten().tolist()
+            return strategy.measure(b, outs[self.hidden_out], residual)
 
-        compute, reason = self.policy.compute(b, step, lambda: self._diff(b, step, measure))
-        b.computing = compute
-        b.reasons[step] = reason
-        if compute:
-            b.prev_residual = residual
-            b.continuous_cached = 0
-            b.computed_steps.append(step)
-        else:
-            b.continuous_cached += 1
-            b.cached_steps.append(step)
+        strategy.decide(call, b, step, signals, residual)
         return tuple(outs)
-
-    def _diff(self, b: BranchState, step: int, measure: Callable[[], Optional[float]]) -> Optional[float]:
-        """Measure (or, for a later CFG branch, maybe borrow) this step's diff and record it."""
-        first = self.state.branches.get(self.state.step_first[1])
-        if (first is not b and not self.state.config.cfg_diff_compute_separate
-                and first is not None and step in first.residual_diffs):
-            d = first.residual_diffs[step]
-        else:
-            d = measure()
-            if d is None:
-                return None
-        b.residual_diffs[step] = d
-        if d > 0:
-            b.accumulated_diff += d
-        return d
 
 
 def _read(values: list) -> list[float]:
-    """0-d tensors (any dtype, any device) to Python floats, in one device-to-host copy."""
+    """Tensors (any dtype, shape and device) to one flat list of Python floats, in one
+    device-to-host copy."""
     device = values[-1].device
-    return torch.stack([v.to(device=device, dtype=torch.float32) for v in values]).tolist()
+    return torch.cat([v.detach().reshape(-1).to(device=device, dtype=torch.float32) for v in values]).tolist()
 
 
-class TaylorSeries:
-    """TaylorSeer's derivative table of one cached residual (DESIGN.md s. 3).
+class Region(torch.nn.Module):
+    """A gated region (a stretch of blocks, or one block): computes and stores its
+    residuals, or reuses them.
 
-    On each computed step, ``n`` steps after the previous one: ``d[0] = R``,
-    ``d[i+1] = (d[i]_new - d[i]_old) / n``; orders appear one update at a time
-    (after the first computed step only ``d[0]``). ``k`` steps after the last
-    computed step the residual is ``sum_i d[i] * k**i / i!``. Kept in fp32;
-    orders not reached yet stay zero, so the sum may run over all of them.
-    """
+    ``run`` is the region compiled with its residuals fused in
+    (``passes.residuals.fuse_residuals``; positions in ``plan``): outputs first,
+    then one residual per output paired with an input.
 
-    def __init__(self, order: int):
-        self.order, self.derivs, self.valid = order, None, 0
-
-    def update(self, residual: torch.Tensor, n: int) -> None:
-        if self.derivs is None or self.derivs.shape[1:] != residual.shape:
-            self.derivs = residual.new_zeros((self.order + 1, *residual.shape), dtype=torch.float32)
-            self.valid = 0
-        self.valid = min(self.valid + 1, self.order + 1)
-        taylor_update_(self.derivs[:self.valid], residual.contiguous(), float(n))
-
-
-class CachedSegment(torch.nn.Module):
-    """A middle segment: computes and stores its residuals, or reuses them.
-
-    ``run`` is the segment compiled with its residuals fused in
-    (``passes.residuals.fuse_residuals``): outputs first, then one residual
-    per output paired with an input.
-
-    With TaylorSeer (``taylor`` holds a compiled ``passes.taylor`` graph per
-    output) a cached step extrapolates each residual from its derivative table
-    instead of reusing it as it was.
+    With a calibrator (``combine[m]`` holds the compiled combination graph of
+    output m) a cached step predicts each residual from what the calibrator
+    stored instead of reusing it as it was.
 
     A cached output takes the layout (strides) of the computed one: the next
     compiled segment was compiled for it, and inductor asserts input strides
@@ -155,58 +105,69 @@ class CachedSegment(torch.nn.Module):
     """
 
     def __init__(self, run: Callable, index: int, residual_of: list, call: _Call,
-                 taylor_order: int = 0, taylor: Optional[list] = None):
+                 calibrators: Optional[list] = None, combine: Optional[list] = None,
+                 hidden: Optional[tuple] = None):
         super().__init__()
         self.run, self.index, self.residual_of, self.call = run, index, residual_of, call
-        self.taylor_order, self.taylor = taylor_order, taylor
+        self.n_outputs = len(residual_of)
+        self.calibrators = calibrators or [None] * self.n_outputs   # per output: a calibrator factory or None
+        self.combine = combine or [None] * self.n_outputs
+        # per-block strategies: (hidden input index, position of its residual among the residuals)
+        self.hidden = hidden
 
     def forward(self, *args):
-        b = self.call.branch
-        if b.computing:
-            outs = self.run(*args)          # the outputs, then the residual of each paired one
-            outs, residuals = outs[:len(self.residual_of)], iter(outs[len(self.residual_of):])
-            if self.taylor_order:
-                self._update_taylor(b, outs, residuals)
-            else:
-                b.caches[self.index] = [o if j is None else (next(residuals), o.size(), o.stride())
-                                        for o, j in zip(outs, self.residual_of)]
-            b.has_cache = True
+        call = self.call
+        b = call.branch
+        if call.compute[self.index]:
+            outs, residuals = split_region_outputs(self.run(*args), self.n_outputs)
+            self._store(b, args, outs, residuals, call.step)
             return tuple(outs)
-        cached, coefs = [], None
-        for m, (c, j) in enumerate(zip(b.caches[self.index], self.residual_of)):
+        cached = []
+        for m, (entry, j) in enumerate(zip(b.regions[self.index].entries, self.residual_of)):
             if j is None:                        # an output with no input to pair with: reused as it was
-                cached.append(c)
+                cached.append(entry)
                 continue
-            residual, size, stride = c
+            stored, size, stride = entry
             x = args[j]
-            if self.taylor_order:                # residual is a TaylorSeries
-                if coefs is None:
-                    coefs = taylor_coefficients(self.taylor_order, self.call.step - b.computed_steps[-1], x.device)
-                out = self._layout(size, stride, x.dtype, x)
-                self.taylor[m](out, x, residual.derivs, coefs)
-                cached.append(out)
-            else:
-                cached.append(torch.add(x, residual, out=self._layout(size, stride, residual.dtype, x)))
+            if self.calibrators[m] is None:
+                cached.append(torch.add(x, stored, out=_layout(size, stride, stored.dtype, x)))
+                continue
+            terms, coefs = stored.combination(call.step)
+            out = _layout(size, stride, x.dtype, x)
+            kept = self.combine[m](out, x, torch.tensor(coefs, dtype=torch.float32, device=x.device), *terms)
+            if stored.keep:
+                stored.kept(kept[0], call.step)
+            cached.append(out)
         return tuple(cached)
 
-    def _update_taylor(self, b: BranchState, outs, residuals) -> None:
-        steps = b.computed_steps           # the gate has recorded this step already
-        n = steps[-1] - steps[-2] if len(steps) > 1 else 1
-        old = b.caches.get(self.index)
-        entries = []
+    def _store(self, b: BranchState, args, outs, residuals, step: int) -> None:
+        rc = b.regions.get(self.index)
+        if rc is None:
+            rc = b.regions[self.index] = RegionCache()
+        old = rc.entries
+        entries, it = [], iter(residuals)
         for m, (o, j) in enumerate(zip(outs, self.residual_of)):
             if j is None:
                 entries.append(o)
                 continue
-            series = old[m][0] if old is not None else TaylorSeries(self.taylor_order)
-            series.update(next(residuals), n)
-            entries.append((series, o.size(), o.stride()))
-        b.caches[self.index] = entries
+            residual = next(it)
+            make = self.calibrators[m]
+            if make is None:
+                entries.append((residual, o.size(), o.stride()))
+                continue
+            cal = old[m][0] if old else make()
+            cal.update(residual, step)
+            entries.append((cal, o.size(), o.stride()))
+        rc.entries = entries
+        b.has_cache = True
+        if self.hidden is not None:
+            j, r = self.hidden
+            rc.input, rc.hidden_residual = args[j].contiguous(), residuals[r]
 
-    @staticmethod
-    def _layout(size, stride, dtype, like: torch.Tensor) -> torch.Tensor:
-        """An empty tensor in the computed output's layout, on ``like``'s device."""
-        return torch.empty_strided(size, stride, dtype=dtype, device=like.device)
+
+def _layout(size, stride, dtype, like: torch.Tensor) -> torch.Tensor:
+    """An empty tensor in the computed output's layout, on ``like``'s device."""
+    return torch.empty_strided(size, stride, dtype=dtype, device=like.device)
 
 
 class Plain(torch.nn.Module):
@@ -219,9 +180,16 @@ class Plain(torch.nn.Module):
 
 
 class CachedGraph:
-    """The callable the backend returns to dynamo for a graph with a block chain."""
+    """The callable the backend returns to dynamo for a graph with a block chain.
 
-    def __init__(self, plan: SplitPlan, segments: list[Callable], taylor: dict[int, list], state: ModelState,
+    ``pieces`` maps each segment index to its compiled callable: the gate (signals
+    fused in), each region (residuals fused in) and the rest plain. ``regions``
+    maps each region's index to its per-output calibrator factories and
+    combination graphs (None without a calibrator).
+    """
+
+    def __init__(self, plan: SplitPlan, pieces: list[Callable], gate_layout: GateLayout, strategy,
+                 regions: dict[int, tuple[list, list]], state: ModelState,
                  timestep_inputs: dict[int, str], shape_inputs: list[int]):
         self.plan, self.state = plan, state
         self.timestep_inputs, self.timestep_names = list(timestep_inputs), list(timestep_inputs.values())
@@ -230,14 +198,18 @@ class CachedGraph:
         self.timestep_settled = len(timestep_inputs) <= 1   # settled: only the chosen input is read
         self.prev_t: list = []
         # graphs of one model cut alike (a static graph and its dynamic-shape recompile) share caches
-        self.call = _Call(tuple((s.kind, tuple(s.blocks), tuple(s.residual_of)) for s in plan.segments))
-        policy = DBCachePolicy(state.config)
-        order = state.config.taylorseer_order if state.config.enable_taylorseer else 0
-        for k, (seg, run) in enumerate(zip(plan.segments, segments)):
+        self.call = _Call(plan.layout(), len(plan.segments))
+        for k, (seg, run) in enumerate(zip(plan.segments, pieces)):
             if k == plan.gate_segment:
-                mod = FnGate(run, plan.gate_hidden_in, self.call, policy, state, self._choose_timestep)
+                mod = FnGate(run, plan.gate_hidden_in, plan.gate_hidden_out, gate_layout, self.call, strategy, state,
+                             self._choose_timestep)
             elif seg.kind == "mid":
-                mod = CachedSegment(run, k, seg.residual_of, self.call, order, taylor.get(k))
+                calibrators, combine = regions.get(k, (None, None))
+                hidden = None
+                if strategy.stores_inputs and seg.hidden_in is not None:
+                    paired = [m for m, j in enumerate(seg.residual_of) if j is not None]
+                    hidden = (seg.hidden_in, paired.index(seg.hidden_out))
+                mod = Region(run, k, seg.residual_of, self.call, calibrators, combine, hidden)
             else:
                 mod = Plain(run)
             setattr(plan.parent, seg.module_name, mod)

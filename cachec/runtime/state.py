@@ -36,27 +36,59 @@ from .context import CallContext
 
 
 @dataclass
+class RegionCache:
+    """What one region (a stretch of blocks, or one block) of one branch keeps."""
+
+    entries: list = field(default_factory=list)     # per output: (residual or calibrator, size, stride), or a value
+    input: Optional[torch.Tensor] = None            # per-block strategies: hidden input when it last ran
+    hidden_residual: Optional[torch.Tensor] = None  # ... and the hidden residual it stored then
+    cached: int = 0                                 # per-block strategies: steps skipped in this generation
+    continuous: int = 0
+    accumulated: float = 0.0
+    ran: dict = field(default_factory=dict)         # step -> ran? (the summary's block map)
+
+    def record(self, step: int, computed: bool, diff: Optional[float]) -> None:
+        self.ran[step] = computed
+        if computed:
+            self.continuous = 0
+        else:
+            self.cached += 1
+            self.continuous += 1
+
+
+@dataclass
 class BranchState:
     """The cache of one CFG branch (cond, uncond, ...) in one generation."""
 
     key: Hashable = 0                               # the pipeline's name, or the position in the step
     shape_key: tuple = ()
     prev_residual: Optional[torch.Tensor] = None    # Fn residual at the last computed step
-    caches: dict = field(default_factory=dict)      # segment index -> list of residuals / values
+    regions: dict = field(default_factory=dict)     # segment index -> RegionCache
     has_cache: bool = False
-    plan: tuple = ()                                # the segment layout ``caches`` was stored for
-    computing: bool = True                          # decision for the current call
+    plan: tuple = ()                                # the segment layout ``regions`` was stored for
     continuous_cached: int = 0
     accumulated_diff: float = 0.0
     computed_steps: list = field(default_factory=list)
     cached_steps: list = field(default_factory=list)
     residual_diffs: dict = field(default_factory=dict)
     reasons: dict = field(default_factory=dict)     # step -> why it computed or cached
+    status: dict = field(default_factory=dict)      # step -> "computed", "cached", "extrapolated" or "pruned"
+    blocks_run: dict = field(default_factory=dict)  # per-block strategies: step -> chain blocks that ran
     # named calls: where this branch's own sequence of calls stands
     calls: int = 0
     last_step_index: Optional[int] = None
     last_t: Optional[float] = None
     direction: int = 0
+
+    def record(self, step: int, computed: bool, reason: str, cached_status: str) -> None:
+        self.reasons[step] = reason
+        self.status[step] = "computed" if computed else cached_status
+        if computed:
+            self.continuous_cached = 0
+            self.computed_steps.append(step)
+        else:
+            self.continuous_cached += 1
+            self.cached_steps.append(step)
 
 
 def _sign(x: float) -> int:
@@ -69,6 +101,7 @@ class ModelState:
     def __init__(self, config: DBCacheConfig):
         self.config = config
         self.num_inference_steps = config.num_inference_steps
+        self.cached_status = "extrapolated" if config.calibrator() is not None else "cached"
         self.generation = -1
         self.timestep_input: Optional[str] = None
         self.identity = "no call yet"               # where the last call's step and branch came from
@@ -84,6 +117,8 @@ class ModelState:
 
     def _start(self) -> None:
         self.generation += 1
+        self.mask = self.config.steps_mask_for(self.num_inference_steps)   # SCM, for this step count
+        self.warmup_steps = self.config.warmup_steps(self.num_inference_steps)
         self.branches: dict[Hashable, BranchState] = {}
         self.mode: Optional[str] = None              # "named" or "positional"
         self.calls = 0
@@ -150,6 +185,8 @@ class ModelState:
             self._start()
         self._refresh = False
         self.mode = mode
+        self.mask = self.config.steps_mask_for(self.num_inference_steps)
+        self.warmup_steps = self.config.warmup_steps(self.num_inference_steps)
 
     def _named(self, context: CallContext, t: Optional[float], shape_key: tuple) -> tuple[int, BranchState]:
         branch = self.branches.get(context.name)

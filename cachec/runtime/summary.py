@@ -13,6 +13,11 @@ class BranchSummary:
     cached_steps: list[int]
     residual_diffs: dict[int, float]
     reasons: dict[int, str]
+    # step -> "computed", "cached" (residual reused), "extrapolated" (a calibrator
+    # predicted it) or "pruned" (DBPrune: some blocks skipped)
+    status: dict[int, str] = field(default_factory=dict)
+    blocks_run: dict[int, int] = field(default_factory=dict)       # DBPrune: step -> chain blocks that ran
+    block_map: dict[str, dict[int, bool]] = field(default_factory=dict)   # DBPrune: block -> step -> ran?
 
 
 @dataclass
@@ -41,6 +46,8 @@ class CacheSummary:
     identity: str = ""                     # where each call's step and branch came from
     unpaired: list[str] = field(default_factory=list)   # middle outputs reused as values (no input to pair)
     unproven: dict[str, list[str]] = field(default_factory=dict)   # blocks run always: outputs of unproven role
+    strategy: str = "DBCache"
+    blocks_total: int = 0                  # chain length (DBPrune's blocks_run counts out of it)
 
     def __str__(self) -> str:
         lines = [f"cachec: {len(self.blocks)} chained blocks, Fn={self.Fn} Bn={self.Bn} ({self.config}); "
@@ -56,29 +63,57 @@ class CacheSummary:
             return "\n".join(lines + ["no call yet"])
         for name, b in self.branches.items():
             total = len(b.computed_steps) + len(b.cached_steps)
-            lines.append(f"  {name}: computed {len(b.computed_steps)}/{total}, cached {len(b.cached_steps)}")
+            counts = {k: list(b.status.values()).count(k) for k in ("cached", "extrapolated", "pruned")}
+            line = f"  {name}: computed {len(b.computed_steps)}/{total}" + "".join(
+                f", {k} {v}" for k, v in counts.items() if v)
+            if b.blocks_run:
+                ran = sum(b.blocks_run.values())
+                line += f"; blocks run {ran}/{self.blocks_total * len(b.blocks_run)}"
+            lines.append(line)
         names = list(self.branches)
-        lines.append("step  " + "  ".join(f"{n:<46}" for n in names))
+        width = 52
+        lines.append("step  " + "  ".join(f"{n:<{width}}" for n in names))
         for s in range(self.steps):
             cells = []
             for n in names:
                 b = self.branches[n]
                 if s not in b.reasons:
-                    cells.append(f"{'-':<46}")
+                    cells.append(f"{'-':<{width}}")
                     continue
-                what = "cached " if s in b.cached_steps else "compute"
+                what = b.status.get(s, "cached" if s in b.cached_steps else "computed")
+                if s in b.blocks_run:
+                    what += f" {b.blocks_run[s]}/{self.blocks_total}"
                 d = b.residual_diffs.get(s)
                 diff = f"{d:.4f}" if d is not None else "  -   "
-                cells.append(f"{what} {diff:>7}  {b.reasons[s]}".ljust(46))
+                cells.append(f"{what:<18} {diff:>7}  {b.reasons[s]}".ljust(width))
             lines.append(f"{s:>4}  " + "  ".join(cells))
+        for n in names:
+            lines += _block_map(n, self.branches[n].block_map, self.steps)
         return "\n".join(lines)
+
+
+def _block_map(branch: str, block_map: dict[str, dict[int, bool]], steps: int) -> list[str]:
+    """DBPrune: one row per prunable block, one column per step ('#' ran, '.' pruned)."""
+    if not block_map:
+        return []
+    width = max(len(b) for b in block_map)
+    lines = [f"blocks x steps ({branch}): '#' ran, '.' pruned, ' ' not called",
+             " " * (width + 2) + "".join(str(s % 10) for s in range(steps))]
+    for block, ran in block_map.items():
+        lines.append(f"{block:<{width}}  " + "".join(
+            " " if s not in ran else ("#" if ran[s] else ".") for s in range(steps)))
+    return lines
 
 
 def summarize(state: ModelState) -> CacheSummary:
     info = state.chain_info
-    branches = {state.branch_name(i): BranchSummary(list(b.computed_steps), list(b.cached_steps),
-                                                     dict(b.residual_diffs), dict(b.reasons))
-                for i, b in state.branches.items()}
+    names = info.get("regions", {})
+    branches = {
+        state.branch_name(i): BranchSummary(
+            list(b.computed_steps), list(b.cached_steps), dict(b.residual_diffs), dict(b.reasons), dict(b.status),
+            dict(b.blocks_run),
+            {names[k]: dict(rc.ran) for k, rc in sorted(b.regions.items()) if rc.ran and k in names})
+        for i, b in state.branches.items()}
     first = next(iter(branches.values()), BranchSummary([], [], {}, {}))
     return CacheSummary(
         blocks=list(info.get("blocks", [])), Fn=state.config.Fn_compute_blocks, Bn=state.config.Bn_compute_blocks,
@@ -86,4 +121,5 @@ def summarize(state: ModelState) -> CacheSummary:
         cached_steps=first.cached_steps, residual_diffs=first.residual_diffs, branches=branches,
         timestep_input=state.timestep_input, generation=state.generation,
         segments=list(info.get("segments", [])), config=state.config.short_name(), identity=state.identity,
-        unpaired=list(info.get("unpaired", [])), unproven=dict(info.get("unproven", {})))
+        unpaired=list(info.get("unpaired", [])), unproven=dict(info.get("unproven", {})),
+        strategy=state.config.cache_type, blocks_total=len(info.get("blocks", [])))

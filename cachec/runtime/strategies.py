@@ -1,0 +1,232 @@
+"""Strategies: what the gate measures and which regions compute on each call.
+
+A strategy is a typed config (``cachec.options``) and a handler here;
+``STRATEGIES`` maps one to the other, as torchao's ``quantize_`` maps configs to
+handlers. A handler says
+
+* ``granularity``: how finely the plan cuts the middle into regions
+  ("stretch": as few regions as the chain allows; "block": one per block);
+* ``signal``: which signal the gate segment computes, fused into its compiled
+  code as partial sums ("residual": the Fn residual's change; "probe": each
+  block's input change, ``plan.probe_sums``);
+* ``signal_inputs(branch, like)``: the stored tensors the gate compares with;
+* ``decide(...)``: from the step, the branch's records and (lazily) the signals,
+  which regions compute on this call.
+
+The regions themselves (``runtime.gate.Region``) compute and store, or reuse,
+the same way under every strategy. docs/design.md ("Strategies") has the rules.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..options import DBCacheConfig, DBPruneConfig
+from ..plan import SplitPlan, l1_sums, probe_sums, ratio
+from .state import BranchState, ModelState, RegionCache
+
+Signals = Callable[[], Optional[list]]     # the partial sums of this call, flat; None: nothing to compare
+
+
+class DBCache:
+    """cache-dit's DBCache: one decision per call from the Fn residual's relative L1 change."""
+
+    granularity = "stretch"
+    signal = "residual"
+    stores_inputs = False
+
+    def __init__(self, config: DBCacheConfig, plan: SplitPlan, state: ModelState, blocks: list[str]):
+        self.config, self.state = config, state
+        self.regions = plan.regions()
+        self.all = {True: [True] * len(plan.segments), False: [False] * len(plan.segments)}
+
+    def signal_inputs(self, branch: Optional[BranchState], like: torch.Tensor) -> tuple[list, bool]:
+        prev = branch.prev_residual if branch is not None else None
+        if prev is None or prev.shape != like.shape:
+            return [torch.zeros(like.shape, dtype=like.dtype, device=like.device)], False
+        return [prev], True
+
+    def measure(self, branch: BranchState, hidden_out: torch.Tensor, residual: torch.Tensor) -> Optional[list]:
+        """The signals against ``branch``'s own records (a call placed otherwise than predicted)."""
+        prev = branch.prev_residual
+        if prev is None or prev.shape != residual.shape:
+            return None
+        return l1_sums(prev, residual).flatten().tolist()
+
+    def step_forced(self, branch: BranchState, step: int) -> Optional[tuple[bool, str]]:
+        """The rules before any diff, in cache-dit's order; None: the diff decides."""
+        c = self.config
+        if step in self.state.warmup_steps:
+            return True, "warmup"
+        if not branch.has_cache:
+            return True, "nothing cached yet"
+        mask = self.state.mask
+        if mask is not None and step < len(mask):
+            if mask[step]:
+                return True, "steps_computation_mask"
+            if c.steps_computation_policy == "static":
+                return False, "steps_computation_mask (static)"
+        return None
+
+    def decide(self, call, branch: BranchState, step: int, signals: Signals, residual) -> None:
+        c = self.config
+        forced = self.step_forced(branch, step)
+        if forced is None:
+            forced = _limits(c, len(branch.cached_steps), branch.continuous_cached, branch.accumulated_diff)
+        if forced is not None:
+            compute, reason = forced
+        else:
+            d = self._diff(branch, step, signals)
+            if d is None:
+                compute, reason = True, "no residual to compare"
+            else:
+                compute = d >= c.residual_diff_threshold
+                reason = "diff above threshold" if compute else "diff below threshold"
+        branch.record(step, compute, reason, cached_status=self.state.cached_status)
+        if compute:
+            branch.prev_residual = residual
+        call.compute = self.all[compute]
+
+    def _diff(self, b: BranchState, step: int, signals: Signals) -> Optional[float]:
+        """Measure (or, for a later CFG branch, maybe borrow) this step's diff and record it."""
+        state = self.state
+        first = state.branches.get(state.step_first[1])
+        if (first is not b and not self.config.cfg_diff_compute_separate
+                and first is not None and step in first.residual_diffs):
+            d = first.residual_diffs[step]
+        else:
+            sums = signals()
+            if sums is None:
+                return None
+            d = ratio(sums[0], sums[1])
+        b.residual_diffs[step] = d
+        if d > 0:
+            b.accumulated_diff += d
+        return d
+
+
+def _limits(c: DBCacheConfig, cached: int, continuous: int, accumulated: float) -> Optional[tuple[bool, str]]:
+    """cache-dit's bounds on caching, then the threshold's two ends; None: the diff decides."""
+    if 0 <= c.max_cached_steps <= cached:
+        return True, "max_cached_steps"
+    if 0 <= c.max_continuous_cached_steps <= continuous:
+        return True, "max_continuous_cached_steps"
+    if c.max_accumulated_residual_diff_threshold is not None and accumulated >= c.max_accumulated_residual_diff_threshold:
+        return True, "max_accumulated_residual_diff_threshold"
+    if c.residual_diff_threshold <= 0:
+        return True, "threshold 0"
+    if c.residual_diff_threshold >= 1:
+        return False, "threshold >= 1"
+    return None
+
+
+class DBPrune(DBCache):
+    """cache-dit's Dynamic Block Prune: each middle block decides on its own.
+
+    Block i is skipped (its stored residual reused) when the relative L1 change
+    of its input against the last step it ran is under the threshold. All
+    blocks' signals come from one probe fused into the Fn segment and reach the
+    host in the call's one read: the probe follows the trajectory where every
+    block reuses, exact for a block while all blocks before it are skipped
+    (docs/design.md, "DBPrune"). Warmup, SCM masks and "nothing cached yet" act
+    on the whole step; the caching bounds and the threshold act per block.
+    """
+
+    granularity = "block"
+    signal = "probe"
+    stores_inputs = True
+
+    def __init__(self, config: DBPruneConfig, plan: SplitPlan, state: ModelState, blocks: list[str]):
+        super().__init__(config, plan, state, blocks)
+        chain = list(blocks)
+        never = set(config.non_prune_block_ids)
+        self.probe = plan.probe_regions
+        # region -> its ordinal in the probe rows; regions outside the probe never prune
+        self.rows = {k: i for i, k in enumerate(self.probe)
+                     if not never & {chain.index(b) for b in plan.segments[k].blocks if b in chain}}
+        self.blocks_total = len(chain)
+
+    def signal_inputs(self, branch: Optional[BranchState], like: torch.Tensor) -> tuple[list, bool]:
+        inputs, zeros, measurable = [], None, False
+        for k in self.probe:
+            rc = branch.regions.get(k) if branch is not None else None
+            if rc is not None and rc.input is not None and rc.input.shape == like.shape:
+                inputs += [rc.input, rc.hidden_residual]
+                measurable = True
+            else:
+                if zeros is None:
+                    zeros = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+                inputs += [zeros, zeros]
+        return inputs, measurable
+
+    def measure(self, branch: BranchState, hidden_out: torch.Tensor, residual) -> Optional[list]:
+        inputs, measurable = self.signal_inputs(branch, hidden_out)
+        return probe_sums(hidden_out, *inputs).flatten().tolist() if measurable else None
+
+    def decide(self, call, branch: BranchState, step: int, signals: Signals, residual) -> None:
+        c = self.config
+        forced = self.step_forced(branch, step)
+        compute = list(self.all[True])
+        diffs: dict[int, float] = {}
+        pruned = 0
+        if forced is None or not forced[0]:
+            sums = None
+            for k, row in self.rows.items():
+                rc = branch.regions.get(k)
+                if rc is None or rc.input is None or not rc.entries:
+                    continue
+                why = forced or _limits(c, rc.cached, rc.continuous, rc.accumulated)
+                if why is None:
+                    if sums is None:
+                        sums = signals() or []
+                    if 2 * row + 1 >= len(sums):
+                        continue
+                    d = ratio(sums[2 * row], sums[2 * row + 1])
+                    threshold = self._threshold(list(diffs.values()))
+                    diffs[k] = d
+                    rc.accumulated += d if d > 0 else 0.0
+                    prune = d < threshold
+                else:
+                    prune = not why[0]
+                if prune:
+                    compute[k] = False
+                    pruned += 1
+        for k in self.rows:   # prunable blocks: their own bounds, and the summary's block map
+            rc = branch.regions.get(k)
+            if rc is None:
+                rc = branch.regions[k] = RegionCache()
+            rc.record(step, compute[k], diffs.get(k))
+        reason = forced[1] if forced is not None else ("blocks pruned" if pruned else "no block under threshold")
+        branch.record(step, pruned == 0, reason, cached_status="pruned")
+        branch.blocks_run[step] = self.blocks_total - pruned
+        if diffs:
+            branch.residual_diffs[step] = sum(diffs.values()) / len(diffs)
+        call.compute = compute
+
+    def _threshold(self, earlier: list[float]) -> float:
+        """cache-dit's dynamic threshold from the diffs this step measured before this block."""
+        c = self.config
+        t = c.residual_diff_threshold
+        if not c.enable_dynamic_prune_threshold:
+            return t
+        first = [d for d in earlier[:5] if d > 0]
+        if not first:
+            return t
+        relaxed = sum(first) / len(first) * c.dynamic_prune_threshold_relax_ratio
+        return max(relaxed, t) if relaxed < c.max_dynamic_threshold() else t
+
+
+STRATEGIES = {DBCacheConfig: DBCache, DBPruneConfig: DBPrune}
+
+
+def strategy_for(config) -> type:
+    """The handler class for a strategy config (``STRATEGIES``)."""
+    try:
+        return STRATEGIES[type(config)]
+    except KeyError:
+        raise ValueError(f"no strategy handler for {type(config).__name__}: expected one of "
+                         f"{[c.__name__ for c in STRATEGIES]}") from None
+
+
+__all__ = ["DBCache", "DBPrune", "STRATEGIES", "strategy_for", "RegionCache"]
