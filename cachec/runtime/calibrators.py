@@ -116,10 +116,15 @@ class FoCa:
 CALIBRATORS = {TaylorSeerCalibratorConfig: TaylorSeer, FoCaCalibratorConfig: FoCa}
 
 
+def lookup(table: dict, config, kind: str) -> type:
+    """The handler class ``table`` maps ``type(config)`` to, or a ValueError naming the choices."""
+    try:
+        return table[type(config)]
+    except KeyError:
+        raise ValueError(f"no {kind} for {type(config).__name__}: expected one of "
+                         f"{[c.__name__ for c in table]}") from None
+
+
 def calibrator_for(config) -> type:
     """The calibrator class for a calibrator config (``CALIBRATORS``)."""
-    try:
-        return CALIBRATORS[type(config)]
-    except KeyError:
-        raise ValueError(f"no calibrator for {type(config).__name__}: expected one of "
-                         f"{[c.__name__ for c in CALIBRATORS]}") from None
+    return lookup(CALIBRATORS, config, "calibrator")

@@ -24,6 +24,7 @@ import torch
 
 from ..options import DBCacheConfig, DBPruneConfig
 from ..plan import SplitPlan, l1_sums, probe_sums, ratio
+from .calibrators import lookup
 from .state import BranchState, ModelState, RegionCache
 
 Signals = Callable[[], Optional[list]]     # the partial sums of this call, flat; None: nothing to compare
@@ -222,11 +223,7 @@ STRATEGIES = {DBCacheConfig: DBCache, DBPruneConfig: DBPrune}
 
 def strategy_for(config) -> type:
     """The handler class for a strategy config (``STRATEGIES``)."""
-    try:
-        return STRATEGIES[type(config)]
-    except KeyError:
-        raise ValueError(f"no strategy handler for {type(config).__name__}: expected one of "
-                         f"{[c.__name__ for c in STRATEGIES]}") from None
+    return lookup(STRATEGIES, config, "strategy handler")
 
 
 __all__ = ["DBCache", "DBPrune", "STRATEGIES", "strategy_for", "RegionCache"]
