@@ -47,7 +47,7 @@ class RegionCache:
     accumulated: float = 0.0
     ran: dict = field(default_factory=dict)         # step -> ran? (the summary's block map)
 
-    def record(self, step: int, computed: bool, diff: Optional[float]) -> None:
+    def record(self, step: int, computed: bool) -> None:
         self.ran[step] = computed
         if computed:
             self.continuous = 0

@@ -197,7 +197,7 @@ class DBPrune(DBCache):
             rc = branch.regions.get(k)
             if rc is None:
                 rc = branch.regions[k] = RegionCache()
-            rc.record(step, compute[k], diffs.get(k))
+            rc.record(step, compute[k])
         reason = forced[1] if forced is not None else ("blocks pruned" if pruned else "no block under threshold")
         branch.record(step, pruned == 0, reason, cached_status="pruned")
         branch.blocks_run[step] = self.blocks_total - pruned
