@@ -52,7 +52,8 @@ def predict(cal, step):
 @settings(max_examples=60, deadline=None)
 @given(order=st.integers(1, 3), a=st.floats(-2, 2), b=st.floats(-2, 2), data=st.data())
 def test_taylorseer_is_exact_on_lines_at_any_spacing(order, a, b, data):
-    steps = sorted(data.draw(st.sets(st.integers(0, 30), min_size=2, max_size=order + 4)))
+    early = sorted(data.draw(st.sets(st.integers(0, 2), max_size=3)))   # before step 3: d[0] only
+    steps = early + sorted(data.draw(st.sets(st.integers(3, 30), min_size=2, max_size=order + 4)))
     cal = TaylorSeer(TaylorSeerCalibratorConfig(taylorseer_order=order))
     for s in steps:
         cal.update(torch.full((2, 3), a + b * s), s)
@@ -67,10 +68,26 @@ def test_taylorseer_order2_takes_backward_differences_for_derivatives(c, n, k):
     """cache-dit's rule, kept: on f(s) = c s^2 sampled every n steps, d[1] is the backward
     difference f'(s) - c n, so the prediction k steps on is short of f(s + k) by c n k exactly."""
     cal = TaylorSeer(TaylorSeerCalibratorConfig(taylorseer_order=2))
-    for s in (0, n, 2 * n):
+    for s in (3, 3 + n, 3 + 2 * n):
         cal.update(torch.full((3,), c * s * s), s)
-    s = 2 * n + k
+    s = 3 + 2 * n + k
     assert float(predict(cal, s)[0]) == pytest.approx(c * s * s - c * n * k, rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_taylorseer_takes_derivatives_from_step_3_as_cache_dit_does(order):
+    """By hand, on values 1, 10, 100, ... at steps 0, 1, 2, ...: steps 0-2 keep the value alone
+    (a cached step reuses it), step 3 adds the first difference, each later update one order more."""
+    cal = TaylorSeer(TaylorSeerCalibratorConfig(taylorseer_order=order))
+    y = lambda s: torch.full((2,), 10.0 ** s)  # noqa: E731
+    for s in range(3):
+        cal.update(y(s), s)
+        assert float(predict(cal, s + 1)[0]) == 10.0 ** s
+    cal.update(y(3), 3)   # d = [1000, 900]
+    assert float(predict(cal, 5)[0]) == pytest.approx(1000 + 900 * 2)
+    cal.update(y(4), 4)   # d = [10^4, 9000, 8100] up to the order
+    want = [10.0 ** 4, 9000, 8100][:order + 1]
+    assert float(predict(cal, 6)[0]) == pytest.approx(sum(d * 2 ** i / math.factorial(i) for i, d in enumerate(want)))
 
 
 @settings(max_examples=60, deadline=None)

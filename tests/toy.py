@@ -66,7 +66,8 @@ def reference_outputs(model: ToyDiT, x, ts, computed, Fn=1, Bn=0, order=0):
     middle runs and its residual (output - input) is stored; on any other step
     the middle's output is its input plus the stored residual, or with
     TaylorSeer (``order`` >= 1) plus ``sum_i d[i] k^i / i!`` over the
-    derivative table ``d[i+1] = (d[i]_new - d[i]_old) / n`` (docs/design.md, "Calibrators").
+    derivative table ``d[i+1] = (d[i]_new - d[i]_old) / n``, taken from step 3 on as
+    cache-dit does (docs/design.md, "Calibrators").
     """
     n = len(model.blocks)
     first, mid, last = model.blocks[:Fn], model.blocks[Fn:n - Bn], model.blocks[n - Bn:]
@@ -78,7 +79,7 @@ def reference_outputs(model: ToyDiT, x, ts, computed, Fn=1, Bn=0, order=0):
             if s in computed:
                 out = _run(mid, h, temb)
                 new = [out - h]
-                for i in range(min(order, len(table))):
+                for i in range(min(order, len(table)) if s >= 3 else 0):
                     new.append((new[i] - table[i]) / (s - last_computed))
                 table, last_computed = new, s
             else:

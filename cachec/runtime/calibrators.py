@@ -21,14 +21,23 @@ from ..kernels.taylor import taylor_update_
 from ..options import FoCaCalibratorConfig, TaylorSeerCalibratorConfig
 
 
+# cache-dit takes Taylor derivatives only from a generation's step 3 on: its per-tensor state is
+# made at the first computed step with its step counter at -1 (one behind), and differentiates
+# once that counter passes 1. Before, a computed step keeps only d[0] = R. cachec does the same
+# (the bench's parity, and on the digits model +6 dB at order 2: early steps move fast).
+TAYLOR_DERIVATIVES_FROM = 3
+
+
 class TaylorSeer:
     """TaylorSeer's derivative table of one residual.
 
     On each computed step, ``n`` steps after the previous one: ``d[0] = R``,
-    ``d[i+1] = (d[i]_new - d[i]_old) / n``; orders appear one update at a time.
+    ``d[i+1] = (d[i]_new - d[i]_old) / n``; orders appear one update at a time,
+    from step ``TAYLOR_DERIVATIVES_FROM`` on (before it, only ``d[0]``).
     ``k`` steps after the last computed step the residual is
     ``sum_i d[i] * k**i / i!``; orders not reached yet are zeros. Exact on
-    polynomials of degree <= order once order + 1 computed steps were seen.
+    polynomials of degree <= order once order + 1 computed steps were seen,
+    the last ``order`` of them from that step on.
     """
 
     keep = False
@@ -48,7 +57,7 @@ class TaylorSeer:
             self.derivs = residual.new_zeros((self.order + 1, *residual.shape), dtype=torch.float32)
             self.valid, self.last = 0, None
         n = 1 if self.last is None else step - self.last
-        self.valid = min(self.valid + 1, self.order + 1)
+        self.valid = min(self.valid + 1, self.order + 1) if step >= TAYLOR_DERIVATIVES_FROM else 1
         taylor_update_(self.derivs[:self.valid], residual.contiguous(), float(n))
         self.last = step
 
