@@ -4,12 +4,12 @@
                                      options={"Fn_compute_blocks": 1, "residual_diff_threshold": 0.24})
     print(cachec.summary(pipe.transformer))
 """
-from .backend import CachecWarning, cachec_backend, refresh, summary
+from .backend import CachecWarning, cachec_backend, refresh, release, request, summary
 from .options import (BackendOptions, DBCacheConfig, DBPruneConfig, FoCaCalibratorConfig, TaylorSeerCalibratorConfig,
                       parse_options, steps_mask)
 from .runtime.summary import CacheSummary
 
-__all__ = ["cachec_backend", "summary", "refresh", "DBCacheConfig", "DBPruneConfig", "TaylorSeerCalibratorConfig",
+__all__ = ["cachec_backend", "summary", "refresh", "request", "release", "DBCacheConfig", "DBPruneConfig", "TaylorSeerCalibratorConfig",
            "FoCaCalibratorConfig", "BackendOptions", "parse_options",
            "steps_mask", "CacheSummary", "CachecWarning"]
 __version__ = "0.1.0"

@@ -5,10 +5,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Hashable, Iterator, Optional
 
 import torch
 import torch.fx as fx
@@ -25,6 +26,7 @@ from .runtime.context import PipelineContext
 from .runtime.summary import CacheSummary
 
 _STATE_ATTR = "_cachec_state"
+_MANY_REQUESTS = 256   # open requests past which cachec.request warns that none of them ends
 
 
 class CachecWarning(UserWarning):
@@ -77,6 +79,8 @@ def _model_state(opts: BackendOptions, module: Optional[torch.nn.Module]) -> Mod
     """One state per torch.compile call, shared by the graphs of that call's model."""
     holder = _compile_wrapper() or module
     state = getattr(holder, "__dict__", {}).get(_STATE_ATTR) if holder is not None else None
+    if state is not None and state.config is None:   # opened by cachec.request before the first call
+        state.adopt(opts.cache_config)
     if state is None or state.config != opts.cache_config:
         state = ModelState(opts.cache_config)
         if holder is not None:
@@ -194,7 +198,7 @@ def _plain_graph(plain: Callable, gm: fx.GraphModule, state: ModelState, why: st
             state.warned.add("plain")
             warnings.warn(_plain_message(why, inner, state.graph_breaks[:3]), CachecWarning, stacklevel=2)
         if t_index is not None:   # read later, in the chained graph's one sync
-            state.observed_t = (args[t_index], t_name)
+            state.current().observed_t = (args[t_index], t_name)
         return plain(*args)
     return run
 
@@ -288,14 +292,17 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
             pieces.append(compile_graph(plan.submodule(seg), plan.example_inputs(seg)))
     calibrator = cfg.calibrator()
     regions = _region_calibrators(compile_graph, plan, calibrator, fake_mode) if calibrator is not None else {}
-    handler = strategy(cfg, plan, state, chain.names)
+    handler = strategy(cfg, plan, chain.names)
     timesteps = {i: inputs.name(i) for i in inputs.timestep_candidates}
     return CachedGraph(plan, pieces, layout, handler, regions, state, timesteps, inputs.user_inputs)
 
 
-def _find_state(model: Any) -> ModelState:
+def _find_state(model: Any, create: bool = False) -> ModelState:
+    """The cachec state of a compiled model (or its original module); with ``create``,
+    an empty one where the first call has not compiled yet."""
     seen = set()
     todo = [model]
+    wrapper = None
     while todo:
         obj = todo.pop()
         if obj is None or id(obj) in seen:
@@ -304,17 +311,65 @@ def _find_state(model: Any) -> ModelState:
         state = getattr(obj, "__dict__", {}).get(_STATE_ATTR)
         if state is not None:
             return state
+        if wrapper is None and isinstance(obj, torch._TorchCompileWrapper):
+            wrapper = obj
         todo += [getattr(obj, a, None) for a in ("_torchdynamo_orig_backend", "_torchdynamo_orig_callable",
                                                  "dynamo_ctx", "callback", "_orig_mod")]
+    # where the backend will look for it (``_model_state``): the compile wrapper, else the module
+    holder = wrapper if wrapper is not None else getattr(model, "_orig_mod", None)
+    if create and holder is not None:
+        state = holder.__dict__[_STATE_ATTR] = ModelState(None)
+        return state
     raise ValueError(f"{type(model).__name__} has no cachec state: pass what torch.compile(..., backend='cachec') "
                      f"returned (or its original module) after calling it at least once")
 
 
-def summary(model: Any) -> CacheSummary:
-    """What the last generation computed and cached. Accepts the compiled or the original module."""
-    return summarize(_find_state(model))
+def summary(model: Any, request: Hashable = None) -> CacheSummary:
+    """What the last generation computed and cached. Accepts the compiled or the original module.
+
+    The generation is the calling thread's (or, inside ``cachec.request(model, key)``,
+    that request's); where the calling thread made no call, the last one that
+    finished in any thread. ``request=key`` names a request explicitly.
+    """
+    state = _find_state(model)
+    return summarize(state, state.summary_state(request))
 
 
 def refresh(model: Any, num_inference_steps: Optional[int] = None) -> None:
-    """Start a new generation on the next call, optionally with a new step count."""
-    _find_state(model).refresh(num_inference_steps)
+    """Start a new generation on the next call of the calling thread (or of the request
+    it is in), optionally with a new step count. Before the first call it only sets the
+    step count (the first call starts a generation anyway)."""
+    _find_state(model, create=True).current().refresh(num_inference_steps)
+
+
+@contextlib.contextmanager
+def request(model: Any, key: Hashable) -> Iterator[None]:
+    """Calls inside belong to request ``key``: its own steps, branches and residuals.
+
+        with cachec.request(compiled, "req-17"):
+            out = compiled(x, t)
+
+    Enter it around each call (or each step) of a request, so the steps of several
+    requests can alternate in one thread. A request whose generation finished
+    (its step count known from ``num_inference_steps`` or the pipeline's step
+    index) has already freed its buffers and is forgotten when another key
+    opens; otherwise ``cachec.release(model, request=key)`` ends it.
+    """
+    if not isinstance(key, Hashable) or key is None:
+        raise ValueError(f"cachec.request: the key must be hashable and not None, got {key!r}")
+    state = _find_state(model, create=True)
+    with state.request(key):
+        if len(state.requests) > _MANY_REQUESTS and "requests" not in state.warned:
+            state.warned.add("requests")
+            warnings.warn(f"cachec: {len(state.requests)} requests are open on this model and none of them has "
+                          f"finished: their step count is unknown, so their buffers stay until "
+                          f"cachec.release(model, request=key). Pass num_inference_steps in the options (or "
+                          f"cachec.refresh(model, num_inference_steps=N) inside the request) so they end on "
+                          f"their own.", CachecWarning, stacklevel=3)
+        yield
+
+
+def release(model: Any, request: Hashable = None) -> None:
+    """Free cachec's activation-sized buffers now: of request ``request`` (which then
+    ends), or of every request of the model. The summaries stay readable."""
+    _find_state(model).release(request)

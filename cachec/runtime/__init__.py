@@ -5,9 +5,9 @@ of the compiled pieces come from ``cachec.plan``.
 """
 from .calibrators import CALIBRATORS, calibrator_for
 from .gate import CachedGraph
-from .state import BranchState, ModelState, RegionCache
+from .state import BranchState, ModelState, RegionCache, RequestState
 from .strategies import STRATEGIES, strategy_for
 from .summary import CacheSummary, summarize
 
-__all__ = ["CachedGraph", "BranchState", "ModelState", "RegionCache", "CacheSummary", "summarize",
+__all__ = ["CachedGraph", "BranchState", "ModelState", "RequestState", "RegionCache", "CacheSummary", "summarize",
            "STRATEGIES", "strategy_for", "CALIBRATORS", "calibrator_for"]

@@ -6,20 +6,24 @@ depends on them, so computed and cached steps never recompile
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, Optional
 
 import torch
 
 from ..plan import GateLayout, SplitPlan, split_region_outputs
 from .context import CallContext
-from .state import BranchState, ModelState, RegionCache
+from .state import BranchState, ModelState, RegionCache, RequestState
 
 
-class _Call:
-    """What the segments of one transformer call share."""
+class _Call(threading.local):
+    """What the segments of one transformer call share: one per thread (a
+    ``threading.local`` runs ``__init__`` again in each thread), so calls in
+    two threads never see each other's step, branch or decisions."""
 
     def __init__(self, plan: tuple, n_segments: int):
         self.plan = plan                                  # the segment layout of the graph running
+        self.request: Optional[RequestState] = None       # the request this call belongs to
         self.context: Optional[CallContext] = None       # the pipeline's name for the call, if it gave one
         self.timesteps: list = []                         # timestep tensors to read with the gate's signals
         self.shape_key: tuple = ()
@@ -47,14 +51,15 @@ class FnGate(torch.nn.Module):
     """
 
     def __init__(self, run: Callable, hidden_in: int, hidden_out: int, layout: GateLayout, call: _Call,
-                 strategy, state: ModelState, read_timestep: Callable[[list], Optional[float]]):
+                 strategy, read_timestep: Callable[[list], Optional[float]]):
         super().__init__()
         self.run, self.hidden_in, self.hidden_out, self.layout = run, hidden_in, hidden_out, layout
-        self.call, self.strategy, self.state = call, strategy, state
+        self.call, self.strategy = call, strategy
         self.read_timestep = read_timestep
 
     def forward(self, *args):
-        call, state, strategy = self.call, self.state, self.strategy
+        call, strategy = self.call, self.strategy
+        state = call.request
         guess = call.guess
         extra, measurable = strategy.signal_inputs(guess, args[self.hidden_in])
         outs, residual, sums = self.layout.split(self.run(*args, *extra))
@@ -196,12 +201,11 @@ class CachedGraph:
         self.shape_inputs = shape_inputs
         self.timestep_choice = 0
         self.timestep_settled = len(timestep_inputs) <= 1   # settled: only the chosen input is read
-        self.prev_t: list = []
         # graphs of one model cut alike (a static graph and its dynamic-shape recompile) share caches
         self.call = _Call(plan.layout(), len(plan.segments))
         for k, (seg, run) in enumerate(zip(plan.segments, pieces)):
             if k == plan.gate_segment:
-                mod = FnGate(run, plan.gate_hidden_in, plan.gate_hidden_out, gate_layout, self.call, strategy, state,
+                mod = FnGate(run, plan.gate_hidden_in, plan.gate_hidden_out, gate_layout, self.call, strategy,
                              self._choose_timestep)
             elif seg.kind == "mid":
                 calibrators, combine = regions.get(k, (None, None))
@@ -214,43 +218,52 @@ class CachedGraph:
                 mod = Plain(run)
             setattr(plan.parent, seg.module_name, mod)
 
-    def _timesteps(self, args) -> list:
+    def _timesteps(self, rs: RequestState, args) -> list:
         """The timestep tensors to read this call (no sync here): the chosen input once
         settled, every candidate until then, or the one an earlier graph saw."""
         if not self.timestep_inputs:
-            seen, self.state.observed_t = self.state.observed_t, None
+            seen, rs.observed_t = rs.observed_t, None
             if seen is None:
                 return []
-            self.state.timestep_input = f"{seen[1]} (seen in an earlier graph)"
+            rs.timestep_input = f"{seen[1]} (seen in an earlier graph)"
             return [_timestep_key(seen[0])]
-        self.state.timestep_input = self.timestep_names[self.timestep_choice]
+        rs.timestep_input = self.timestep_names[self.timestep_choice]
         if self.timestep_settled:
             return [_timestep_key(args[self.timestep_inputs[self.timestep_choice]])]
         return [_timestep_key(args[i]) for i in self.timestep_inputs]
 
     def _choose_timestep(self, ts: list[float]) -> Optional[float]:
-        """Of the candidates read, the one that moves (a constant one is guidance)."""
+        """Of the candidates read, the one that moves within a request (a constant one is
+        guidance; two requests may differ in it). Once one moves, it is the model's choice."""
         if not ts:
             return None
         if self.timestep_settled:
             return ts[0]
-        moved = [k for k, (a, b) in enumerate(zip(ts, self.prev_t)) if a != b] if self.prev_t else []
+        rs = self.call.request
+        prev = rs.timesteps_seen.get(self)
+        moved = [k for k, (a, b) in enumerate(zip(ts, prev)) if a != b] if prev else []
         if moved:
             if self.timestep_choice not in moved:   # we took a constant (guidance): switch
                 self.timestep_choice = moved[0]
-                self.state.retime(self.prev_t[moved[0]])
-                self.state.timestep_input = self.timestep_names[moved[0]]
+                rs.retime(prev[moved[0]])
+                rs.timestep_input = self.timestep_names[moved[0]]
             self.timestep_settled = True
-        self.prev_t = ts
+        rs.timesteps_seen[self] = ts
         return ts[self.timestep_choice]
 
     def __call__(self, *args):
         call, state = self.call, self.state
+        rs = call.request = state.current()
         call.context = state.pipeline.current() if state.pipeline is not None else None
-        call.timesteps = self._timesteps(args) if state.needs_timestep(call.context) else []
+        call.timesteps = self._timesteps(rs, args) if rs.needs_timestep(call.context) else []
         call.shape_key = tuple(tuple(args[i].shape) for i in self.shape_inputs)
-        call.guess = state.predict(call.context, call.shape_key)
-        return self.plan.parent(*args)
+        call.guess = rs.predict(call.context, call.shape_key)
+        out = self.plan.parent(*args)
+        if rs.last_step is not None and call.step >= rs.last_step:
+            rs.end_call(call.branch)
+            if rs.finished:
+                state.last = rs
+        return out
 
 
 def _timestep_key(t: torch.Tensor) -> torch.Tensor:

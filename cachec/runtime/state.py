@@ -23,11 +23,23 @@ Every call lands in a (generation, step, branch):
 
 In both, ``cachec.refresh`` starts a new generation, and a branch whose input
 shapes change starts afresh: residuals of another shape are never reused.
+
+**Requests.** All of the above lives in a ``RequestState``: one per thread by
+default, one per key inside ``cachec.request(model, key)``. The ``ModelState``
+of a compiled model holds what its requests share (the chain found, warnings
+given, the pipeline's context recorder) and hands each call the request state
+of the thread it runs in, so concurrent or interleaved generations never see
+each other's residuals (docs/design.md, "Requests"). Where a generation's step
+count is known, a branch's activation-sized buffers are freed after its last
+call; its records (the summary) stay.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
 from dataclasses import dataclass, field, replace
-from typing import Hashable, Optional
+from typing import Hashable, Iterator, Optional
 
 import torch
 
@@ -46,6 +58,10 @@ class RegionCache:
     continuous: int = 0
     accumulated: float = 0.0
     ran: dict = field(default_factory=dict)         # step -> ran? (the summary's block map)
+
+    def release(self) -> None:
+        """Drop the activation-sized buffers; the block map stays."""
+        self.entries, self.input, self.hidden_residual = [], None, None
 
     def record(self, step: int, computed: bool) -> None:
         self.ran[step] = computed
@@ -80,6 +96,12 @@ class BranchState:
     last_t: Optional[float] = None
     direction: int = 0
 
+    def release(self) -> None:
+        """Drop the activation-sized buffers (the generation's end); the records stay."""
+        self.prev_residual, self.has_cache = None, False
+        for rc in self.regions.values():
+            rc.release()
+
     def record(self, step: int, computed: bool, reason: str, cached_status: str) -> None:
         self.reasons[step] = reason
         self.status[step] = "computed" if computed else cached_status
@@ -95,22 +117,23 @@ def _sign(x: float) -> int:
     return (x > 0) - (x < 0)
 
 
-class ModelState:
-    """Counts transformer calls into generations, steps and branches (module docstring)."""
+class RequestState:
+    """Counts one request's transformer calls into generations, steps and branches
+    (module docstring)."""
 
-    def __init__(self, config: DBCacheConfig):
-        self.config = config
+    def __init__(self, config: Optional[DBCacheConfig], key: Hashable = None):
+        self.config, self.key = config, key
+        self.calls = 0
+        self.num_inference_steps = None
+        if config is None:   # opened before the model compiled: ModelState.adopt fills it in
+            return
         self.num_inference_steps = config.num_inference_steps
         self.cached_status = "extrapolated" if config.calibrator() is not None else "cached"
         self.generation = -1
-        self.timestep_input: Optional[str] = None
         self.identity = "no call yet"               # where the last call's step and branch came from
-        self.chain_info: dict = {}
-        self.warned: set[str] = set()
+        self.timestep_input: Optional[str] = None   # the input its steps are read from, as last seen
         self.observed_t = None   # (timestep tensor, input name) from a plain graph earlier in the call
-        self.first_plain_graph = None   # the first graph without a chain that ran
-        self.graph_breaks: list[str] = []   # why dynamo split this model's forward, as it said
-        self.pipeline = None     # runtime.context.PipelineContext of the compiled module, if it has one
+        self.timesteps_seen: dict = {}   # graph -> the timestep candidates it read last (which one moves)
         self._refresh = False
         self.follows: dict[int, int] = {}   # position in a step -> the position of the call after it, last seen
         self._start()
@@ -134,11 +157,23 @@ class ModelState:
         self.pattern: Optional[int] = None if sep is None else (2 if sep else 1)   # calls per step
         # named calls
         self.first_step_index: Optional[int] = None
+        self.last_step: Optional[int] = None         # the generation's last step, where its step count is known
+        self.finished = False                        # every branch made its last call: buffers freed
+
+    def end_call(self, branch: BranchState) -> None:
+        """After a call on the generation's last step: free the branch's buffers (its
+        next call starts a new generation) and, once every branch is there, finish."""
+        branch.release()
+        self.finished = all(self.last_step in b.reasons for b in self.branches.values())
+
+    def release(self) -> None:
+        for b in self.branches.values():
+            b.release()
 
     def refresh(self, num_inference_steps: Optional[int] = None) -> None:
         if num_inference_steps is not None:
             # validated by the config's own rules
-            replace(self.config, num_inference_steps=num_inference_steps)
+            replace(self.config or DBCacheConfig(), num_inference_steps=num_inference_steps)
             self.num_inference_steps = num_inference_steps
         self._refresh = True
 
@@ -215,6 +250,9 @@ class ModelState:
             if t is not None and branch.last_t is not None and not branch.direction:
                 branch.direction = _sign(t - branch.last_t)
             self.identity = "pipeline's cache_context: branch names; steps counted per branch"
+        n = context.num_inference_steps or self.num_inference_steps
+        self.last_step = None if n is None else (n - 1 if context.step_index is None
+                                                 else n - 1 - (self.first_step_index or 0))
         branch.calls += 1
         branch.last_step_index, branch.last_t = context.step_index, t
         return step, branch
@@ -255,6 +293,7 @@ class ModelState:
         if branch is None:
             branch = self.branches[self.call_in_step] = BranchState(self.call_in_step, shape_key)
         self.last_t = t
+        self.last_step = None if self.num_inference_steps is None else self.num_inference_steps - 1
         self.follows[before] = self.call_in_step
         self.identity = (f"timestep input '{self.timestep_input}'; branch = call's place in its step"
                          if t is not None else "call count (no timestep input found)")
@@ -277,3 +316,104 @@ class ModelState:
 
     def steps_done(self) -> int:
         return self.steps
+
+
+class ModelState:
+    """What the requests of one compiled model share, and the request each call belongs to.
+
+    ``current()`` is the request state of the calling thread: the one its
+    ``request(key)`` scope names, or else the thread's own. A thread's own state
+    lives in a ``threading.local`` and goes with the thread; a keyed one lives
+    until its generation finishes and another key is opened, or ``release(key)``.
+    """
+
+    def __init__(self, config: Optional[DBCacheConfig]):
+        self.config = config
+        self.chain_info: dict = {}
+        self.warned: set[str] = set()
+        self.first_plain_graph = None   # the first graph without a chain that ran
+        self.graph_breaks: list[str] = []   # why dynamo split this model's forward, as it said
+        self.pipeline = None     # runtime.context.PipelineContext of the compiled module, if it has one
+        self.last: Optional[RequestState] = None   # the last request whose generation finished or was released
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._threads: "weakref.WeakKeyDictionary[threading.Thread, RequestState]" = weakref.WeakKeyDictionary()
+        self.requests: dict[Hashable, RequestState] = {}
+
+    def adopt(self, config: DBCacheConfig) -> None:
+        """The config of the first compile, for a state ``cachec.request`` opened before it."""
+        self.config = config
+        for rs in self.states():
+            if rs.config is None:
+                steps = rs.num_inference_steps   # a refresh before the first call
+                rs.__init__(config, rs.key)
+                if steps is not None:
+                    rs.refresh(steps)
+
+    def current(self) -> RequestState:
+        """The calling thread's request state (hot path: one thread-local read)."""
+        try:
+            return self._local.state
+        except AttributeError:
+            return self._own()
+
+    def _own(self) -> RequestState:
+        rs = RequestState(self.config)
+        self._local.state = rs
+        with self._lock:
+            self._threads[threading.current_thread()] = rs
+        return rs
+
+    @contextlib.contextmanager
+    def request(self, key: Hashable) -> Iterator[RequestState]:
+        with self._lock:
+            rs = self.requests.get(key)
+            if rs is None:
+                # finished requests go when another one opens: their summary stays readable until then
+                for k in [k for k, r in self.requests.items() if r.finished]:
+                    del self.requests[k]
+                rs = self.requests[key] = RequestState(self.config, key)
+        outer = getattr(self._local, "state", None)
+        self._local.state = rs
+        try:
+            yield rs
+        finally:
+            if outer is None:
+                del self._local.state
+            else:
+                self._local.state = outer
+
+    def states(self) -> list[RequestState]:
+        """Every live request state: the threads' own and the keyed ones."""
+        with self._lock:
+            return list(self._threads.values()) + list(self.requests.values())
+
+    def release(self, key: Hashable = None) -> None:
+        """Free activation-sized buffers: of request ``key`` (then forget it), or of every
+        request. Records stay, so the summary survives."""
+        if key is not None:
+            with self._lock:
+                rs = self.requests.pop(key, None)
+            if rs is None:
+                raise KeyError(f"cachec.release: no open request {key!r}; open ones: {sorted(map(repr, self.requests))}")
+            rs.release()
+            self.last = rs
+            return
+        for rs in self.states():
+            rs.release()
+
+    def summary_state(self, key: Hashable = None) -> RequestState:
+        """The request a summary describes: ``key``'s, or the calling thread's if it has made
+        calls, else the last one that finished."""
+        if key is not None:
+            with self._lock:
+                rs = self.requests.get(key)
+            if rs is None:
+                if self.last is not None and self.last.key == key:
+                    return self.last
+                raise KeyError(f"cachec.summary: no request {key!r}; open ones: {sorted(map(repr, self.requests))}")
+            return rs
+        rs = getattr(self._local, "state", None)
+        if rs is not None and rs.calls:
+            return rs
+        return self.last if self.last is not None else (rs or self.current())

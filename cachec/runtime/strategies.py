@@ -25,7 +25,7 @@ import torch
 from ..options import DBCacheConfig, DBPruneConfig
 from ..plan import SplitPlan, l1_sums, probe_sums, ratio
 from .calibrators import lookup
-from .state import BranchState, ModelState, RegionCache
+from .state import BranchState, RegionCache, RequestState
 
 Signals = Callable[[], Optional[list]]     # the partial sums of this call, flat; None: nothing to compare
 
@@ -37,8 +37,8 @@ class DBCache:
     signal = "residual"
     stores_inputs = False
 
-    def __init__(self, config: DBCacheConfig, plan: SplitPlan, state: ModelState, blocks: list[str]):
-        self.config, self.state = config, state
+    def __init__(self, config: DBCacheConfig, plan: SplitPlan, blocks: list[str]):
+        self.config = config
         self.regions = plan.regions()
         self.all = {True: [True] * len(plan.segments), False: [False] * len(plan.segments)}
 
@@ -55,14 +55,14 @@ class DBCache:
             return None
         return l1_sums(prev, residual).flatten().tolist()
 
-    def step_forced(self, branch: BranchState, step: int) -> Optional[tuple[bool, str]]:
+    def step_forced(self, request: RequestState, branch: BranchState, step: int) -> Optional[tuple[bool, str]]:
         """The rules before any diff, in cache-dit's order; None: the diff decides."""
         c = self.config
-        if step in self.state.warmup_steps:
+        if step in request.warmup_steps:
             return True, "warmup"
         if not branch.has_cache:
             return True, "nothing cached yet"
-        mask = self.state.mask
+        mask = request.mask
         if mask is not None and step < len(mask):
             if mask[step]:
                 return True, "steps_computation_mask"
@@ -71,28 +71,27 @@ class DBCache:
         return None
 
     def decide(self, call, branch: BranchState, step: int, signals: Signals, residual) -> None:
-        c = self.config
-        forced = self.step_forced(branch, step)
+        c, request = self.config, call.request
+        forced = self.step_forced(request, branch, step)
         if forced is None:
             forced = _limits(c, len(branch.cached_steps), branch.continuous_cached, branch.accumulated_diff)
         if forced is not None:
             compute, reason = forced
         else:
-            d = self._diff(branch, step, signals)
+            d = self._diff(request, branch, step, signals)
             if d is None:
                 compute, reason = True, "no residual to compare"
             else:
                 compute = d >= c.residual_diff_threshold
                 reason = "diff above threshold" if compute else "diff below threshold"
-        branch.record(step, compute, reason, cached_status=self.state.cached_status)
+        branch.record(step, compute, reason, cached_status=request.cached_status)
         if compute:
             branch.prev_residual = residual
         call.compute = self.all[compute]
 
-    def _diff(self, b: BranchState, step: int, signals: Signals) -> Optional[float]:
+    def _diff(self, request: RequestState, b: BranchState, step: int, signals: Signals) -> Optional[float]:
         """Measure (or, for a later CFG branch, maybe borrow) this step's diff and record it."""
-        state = self.state
-        first = state.branches.get(state.step_first[1])
+        first = request.branches.get(request.step_first[1])
         if (first is not b and not self.config.cfg_diff_compute_separate
                 and first is not None and step in first.residual_diffs):
             d = first.residual_diffs[step]
@@ -138,8 +137,8 @@ class DBPrune(DBCache):
     signal = "probe"
     stores_inputs = True
 
-    def __init__(self, config: DBPruneConfig, plan: SplitPlan, state: ModelState, blocks: list[str]):
-        super().__init__(config, plan, state, blocks)
+    def __init__(self, config: DBPruneConfig, plan: SplitPlan, blocks: list[str]):
+        super().__init__(config, plan, blocks)
         chain = list(blocks)
         never = set(config.non_prune_block_ids)
         self.probe = plan.probe_regions
@@ -167,7 +166,7 @@ class DBPrune(DBCache):
 
     def decide(self, call, branch: BranchState, step: int, signals: Signals, residual) -> None:
         c = self.config
-        forced = self.step_forced(branch, step)
+        forced = self.step_forced(call.request, branch, step)
         compute = list(self.all[True])
         diffs: dict[int, float] = {}
         pruned = 0

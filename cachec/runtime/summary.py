@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .state import ModelState
+from .state import ModelState, RequestState
 
 
 @dataclass
@@ -105,8 +105,9 @@ def _block_map(branch: str, block_map: dict[str, dict[int, bool]], steps: int) -
     return lines
 
 
-def summarize(state: ModelState) -> CacheSummary:
-    info = state.chain_info
+def summarize(model: ModelState, state: RequestState) -> CacheSummary:
+    """The summary of ``state``'s last generation (a request of ``model``)."""
+    info = model.chain_info
     names = info.get("regions", {})
     branches = {
         state.branch_name(i): BranchSummary(

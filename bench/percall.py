@@ -1,0 +1,124 @@
+"""What cachec adds to each transformer call: timed interleaved, in one process, against
+plain torch.compile and (optionally) against cachec at another git revision.
+
+    python bench/percall.py [--baseline REV] [--model flux|toy] [--inner eager] [--rounds 80]
+
+Every system runs the same model with the same inner backend: the tiny FLUX of the
+tests (2 double + 3 single blocks, 64 image tokens), or the tests' toy DiT (8 blocks
+of a few elementwise ops on 16 x 8 values), where cachec's Python per call is most of
+the time and so differences in it show. cachec runs at ``residual_diff_threshold=0``, so
+every step computes: the difference to plain compile is cachec's fixed cost per call.
+With ``--baseline REV`` the package at that revision is unpacked (``git archive``)
+under another name and compiled side by side with the working tree's, twice: the
+two copies of the same code give the noise floor of the comparison (on the tiny
+FLUX, ~30 us between two copies, from where each one's tensors landed).
+
+Each round times one 28-step generation per system, systems in a shuffled order,
+with warm caches; the per-call time of a system is its median over rounds. The table gives
+the ms per call, the ratio to plain compile and the added ms per call.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import warnings
+from typing import Callable
+
+import torch
+
+from tqdm import tqdm
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from tiny_models import build  # noqa: E402
+
+import cachec  # noqa: E402
+
+
+def package_at(rev: str):
+    """cachec as of git revision ``rev``, importable as ``cachec_<rev>``."""
+    name = "cachec_" + "".join(c if c.isalnum() else "_" for c in rev)
+    where = tempfile.mkdtemp(prefix="cachec_rev_")
+    blob = subprocess.run(["git", "-C", ROOT, "archive", rev, "cachec"], check=True, capture_output=True).stdout
+    path = os.path.join(where, "archive.tar")
+    with open(path, "wb") as f:
+        f.write(blob)
+    with tarfile.open(path) as tar:
+        tar.extractall(where, filter="data")
+    os.rename(os.path.join(where, "cachec"), os.path.join(where, name))
+    sys.path.insert(0, where)
+    return importlib.import_module(name)
+
+
+def systems(inner: str, baseline) -> dict:
+    opts = {"inner_backend": inner, "residual_diff_threshold": 0.0}
+    out = {"torch.compile": lambda m: torch.compile(m, backend=inner),
+           "cachec": lambda m: torch.compile(m, backend=functools.partial(cachec.cachec_backend, options=opts))}
+    if baseline is not None:
+        rev, pkg = baseline
+        for name in (f"cachec@{rev}", f"cachec@{rev} (2nd copy)"):
+            out[name] = lambda m: torch.compile(m, backend=functools.partial(pkg.cachec_backend, options=opts))
+    return out
+
+
+def model_and_calls(name: str, steps: int) -> tuple[Callable, list]:
+    """A builder of identical models, and the keyword arguments of one generation's calls."""
+    ts = torch.linspace(1.0, 0.05, steps).tolist()
+    if name == "toy":
+        from toy import ToyDiT
+        x = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(0))
+        return lambda: ToyDiT(8), [dict(hidden_states=x, timestep=torch.tensor([t])) for t in ts]
+    case = build("flux")
+    return lambda: build("flux").model, [case.inputs(t) for t in ts]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline", help="a git revision of cachec to time side by side")
+    ap.add_argument("--inner", default="eager", choices=["eager", "aot_eager", "inductor"])
+    ap.add_argument("--model", default="flux", choices=["flux", "toy"])
+    ap.add_argument("--rounds", type=int, default=80)
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    baseline = (args.baseline, package_at(args.baseline)) if args.baseline else None
+    new_model, calls = model_and_calls(args.model, args.steps)
+    # one model instance each (same weights): compiled code and cachec's state stay apart
+    compiled = {name: make(new_model()) for name, make in systems(args.inner, baseline).items()}
+    times = {name: [] for name in compiled}
+    with torch.no_grad():
+        for name, m in compiled.items():   # compile and warm up
+            for kw in calls:
+                m(**kw)
+        order = list(compiled)
+        for r in tqdm(range(args.rounds), desc="rounds"):
+            random.Random(r).shuffle(order)   # no system always runs right after another
+            for name in order:
+                m = compiled[name]
+                start = time.perf_counter()
+                for kw in calls:
+                    m(**kw)
+                times[name].append((time.perf_counter() - start) / len(calls) * 1e3)
+    plain = statistics.median(times["torch.compile"])
+    what = "tiny FLUX, 64 tokens" if args.model == "flux" else "toy DiT, 8 blocks"
+    print(f"\nper call, median of {args.rounds} interleaved rounds of {args.steps} calls; {what}, "
+          f"inner backend {args.inner}, {args.threads} thread(s), torch {torch.__version__}")
+    print(f"{'system':<30} {'ms/call':>8} {'x plain':>8} {'added us':>9}")
+    for name, ts_ in times.items():
+        ms = statistics.median(ts_)
+        print(f"{name:<30} {ms:8.4f} {ms / plain:8.3f} {(ms - plain) * 1e3:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
