@@ -107,13 +107,18 @@ def _check_whole(chain, module: Optional[torch.nn.Module]) -> None:
 
 
 def _inner_compiler(opts: BackendOptions, fake_mode) -> Callable[[fx.GraphModule, list], Callable]:
+    """How each piece compiles: the inner backend, with ``opts.inductor``'s config patches
+    (the same for every segment, gate, region and combination graph)."""
     inner = None if opts.inner_backend == "eager" else lookup_backend(opts.inner_backend)
+    patches = dict(opts.inductor)
 
     def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
         if inner is None:
             return gm
         # a fresh tracing context per graph: inductor records per-graph metadata there
         with tracing(TracingContext(fake_mode)):
+            if patches:
+                return inner(gm, example_inputs, config_patches=patches)
             return inner(gm, example_inputs)
     return compile_graph
 
@@ -267,7 +272,11 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
     except NoBlockChain as why:
         if opts.strict:
             raise ValueError(f"cachec: no cacheable block chain in this graph ({why}) (strict=True)") from None
-        plain = gm.forward if opts.inner_backend == "eager" else lookup_backend(opts.inner_backend)(gm, example_inputs)
+        if opts.inner_backend == "eager":
+            plain = gm.forward
+        else:
+            extra = {"config_patches": dict(opts.inductor)} if opts.inductor else {}
+            plain = lookup_backend(opts.inner_backend)(gm, example_inputs, **extra)
         return _plain_graph(plain, gm, state, str(why), opts.inner_backend)
     if plan.unproven:
         _report_unproven(plan.unproven, opts.strict, state)

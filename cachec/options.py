@@ -383,6 +383,8 @@ class BackendOptions:
     cache_config: DBCacheConfig = field(default_factory=DBCacheConfig)
     inner_backend: str = "inductor"
     strict: bool = False
+    # inductor config patches (torch._inductor.config names) applied to every compiled segment
+    inductor: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.cache_config, DBCacheConfig):
@@ -391,9 +393,46 @@ class BackendOptions:
         if self.inner_backend not in INNER_BACKENDS:
             raise ValueError(f"inner_backend={self.inner_backend!r} is invalid: expected one of {INNER_BACKENDS}")
         _bool("strict", self.strict)
+        _check_inductor(self.inductor, self.inner_backend)
 
 
-BACKEND_KEYS = ("cache_config", "inner_backend", "strict")
+BACKEND_KEYS = ("cache_config", "inner_backend", "strict", "inductor")
+
+
+def _check_inductor(patches: Any, inner_backend: str) -> None:
+    """``inductor``: a dict of ``torch._inductor.config`` names, each value of its option's type."""
+    if not isinstance(patches, Mapping):
+        raise ValueError(f"inductor={patches!r} is invalid: expected a dict of torch._inductor.config options, "
+                         f"e.g. {{'max_autotune': True}}")
+    if not patches:
+        return
+    if inner_backend != "inductor":
+        raise ValueError(f"inductor={dict(patches)!r} needs inner_backend='inductor' (it is {inner_backend!r}): "
+                         f"the options patch inductor's config for each compiled segment")
+    import torch._inductor
+    import torch._inductor.config as config
+    known = tuple(torch._inductor.list_options())
+    for name, value in patches.items():
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"inductor option {name!r} is unknown to torch._inductor.config{hint} "
+                             f"(all of them: torch._inductor.list_options())")
+        current = getattr(config, name)
+        expected = type(current)
+        if isinstance(current, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(current, int):
+            ok = _is_int(value)
+        elif isinstance(current, float):
+            ok = _is_number(value)
+        elif isinstance(current, str):
+            ok = isinstance(value, str)
+        else:   # None, callables, containers: inductor checks these itself
+            ok = True
+        if not ok:
+            raise ValueError(f"inductor option {name}={value!r} is invalid: expected a {expected.__name__}, "
+                             f"like its current value {current!r}")
 
 
 def _unknown_key(key: Any, known: tuple, where: str = "") -> ValueError:
@@ -438,7 +477,9 @@ def parse_options(options: Optional[Mapping[str, Any]]) -> BackendOptions:
 
     Accepts the flat cache-dit keys (``{"Fn_compute_blocks": 1, ...}``) or
     ``{"cache_config": DBCacheConfig(...) or dict}``, not both at once, plus the
-    backend keys ``inner_backend`` and ``strict``.
+    backend keys ``inner_backend``, ``strict`` and ``inductor`` (inductor config
+    patches for every compiled segment, as ``torch.compile(options=...)`` takes them
+    for plain inductor).
     """
     if options is None:
         return BackendOptions()

@@ -53,3 +53,37 @@ def test_flux_taylorseer_through_inductor_matches_its_eager_segments():
     reuse = torch.compile(case.model, backend="cachec", options={k: v for k, v in cfg.items() if "taylor" not in k})
     plain = denoise(reuse, case, ts, batch=2)
     assert not torch.allclose(plain[6]["cond"], runs["inductor"][6]["cond"], rtol=1e-4, atol=1e-4)
+
+
+def test_inductor_options_reach_every_compiled_piece(monkeypatch):
+    """``options={"inductor": {...}}`` patches inductor's config for every piece cachec compiles
+    (segments, the gate, regions, TaylorSeer's combination graph): each inductor compile sees
+    epilogue_fusion off (its default is on), and the outputs still equal the eager segments'."""
+    import torch._inductor.compile_fx as cfx
+    from test_schedule import SHAPE, falling, run_generation
+    from toy import ToyDiT
+    assert torch._inductor.config.epilogue_fusion
+    real, seen = cfx.compile_fx, []
+
+    def recording(gm, example_inputs, **kw):
+        if "inner_compile" in kw:   # compile_fx calling itself with the patches applied
+            return real(gm, example_inputs, **kw)
+
+        def inner(*args, **kwargs):
+            seen.append(torch._inductor.config.epilogue_fusion)
+            return cfx.compile_fx_inner(*args, **kwargs)
+        return real(gm, example_inputs, inner_compile=inner, **kw)
+    monkeypatch.setattr(cfx, "compile_fx", recording)
+    cfg = {"residual_diff_threshold": 1.0, "max_warmup_steps": 4, "max_continuous_cached_steps": 2,
+           "enable_taylorseer": True}
+    ts, x = falling(8), [torch.randn(SHAPE)]
+    outs = {}
+    for inner_backend in ("eager", "inductor"):
+        torch._dynamo.reset()
+        extra = {"inductor": {"epilogue_fusion": False}} if inner_backend == "inductor" else {}
+        compiled = torch.compile(ToyDiT(4), backend="cachec", options={**cfg, "inner_backend": inner_backend, **extra})
+        outs[inner_backend] = run_generation(compiled, ts, x)
+    s = cachec.summary(compiled)
+    assert s.cached_steps and len(seen) >= len(s.segments) + 1 and not any(seen)
+    for a, b in zip(outs["inductor"], outs["eager"]):
+        torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)

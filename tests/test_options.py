@@ -244,3 +244,29 @@ def test_cache_dits_own_calibrator_configs_are_accepted():
     assert c.calibrator() == cachec.TaylorSeerCalibratorConfig(taylorseer_order=2)
     c = parse_options({"calibrator_config": cache_dit.FoCaCalibratorConfig()}).cache_config
     assert c.calibrator() == cachec.FoCaCalibratorConfig()
+
+
+# ------------------------------------------------------------------------------------ inductor options
+
+def test_inductor_options_are_validated_like_every_other_option():
+    assert parse_options({"inductor": {"max_autotune": True, "epilogue_fusion": False}}).inductor == \
+        {"max_autotune": True, "epilogue_fusion": False}
+    with pytest.raises(ValueError, match=r"inductor option 'max_autotun' is unknown.*did you mean 'max_autotune'"):
+        parse_options({"inductor": {"max_autotun": True}})
+    with pytest.raises(ValueError, match=r"inductor option max_autotune=1 is invalid: expected a bool"):
+        parse_options({"inductor": {"max_autotune": 1}})
+    with pytest.raises(ValueError, match=r"inductor=\['max_autotune'\] is invalid: expected a dict"):
+        parse_options({"inductor": ["max_autotune"]})
+    with pytest.raises(ValueError, match=r"needs inner_backend='inductor' \(it is 'eager'\)"):
+        parse_options({"inductor": {"max_autotune": True}, "inner_backend": "eager"})
+
+
+@settings(max_examples=25, deadline=None)
+@given(name=st.sampled_from(["epilogue_fusion", "coordinate_descent_tuning", "max_autotune", "freezing"]),
+       value=st.one_of(st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=3), st.none()))
+def test_inductor_bool_options_take_bools_only(name, value):
+    if isinstance(value, bool):
+        assert parse_options({"inductor": {name: value}}).inductor == {name: value}
+    else:
+        with pytest.raises(ValueError, match=f"inductor option {name}=.* expected a bool"):
+            parse_options({"inductor": {name: value}})
