@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch._dynamo.backends.registry import lookup_backend
 from torch._guards import TracingContext, detect_fake_mode, tracing
 
+from .compile_configs import set_compile_configs, watch_recompile_limit
 from .options import BackendOptions, parse_options
 from .passes import NoBlockChain, find_graph_inputs, plan_graph
 from .passes.calibrate import combination_graph
@@ -88,6 +89,7 @@ def _model_state(opts: BackendOptions, module: Optional[torch.nn.Module]) -> Mod
     if module is not None:
         module.__dict__[_STATE_ATTR] = state   # so cachec.summary(original module) finds it
         state.pipeline = state.pipeline or PipelineContext.install(module)
+        watch_recompile_limit(state, module, CachecWarning)
     return state
 
 
@@ -258,6 +260,9 @@ def _report_unproven(unproven: dict[str, list[str]], strict: bool, state: ModelS
 def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optional[dict] = None) -> Callable:
     """Dynamo backend: rewrite the block chain of ``gm`` into a cached graph."""
     opts = parse_options(options)
+    if opts.recompile_limits:
+        set_compile_configs(**{k: opts.recompile_limits.get(k) for k in ("recompile_limit",
+                                                                           "accumulated_recompile_limit")})
     _specialize_float_inputs(gm)
     module = _traced_module()
     state = _model_state(opts, module)

@@ -385,6 +385,8 @@ class BackendOptions:
     strict: bool = False
     # inductor config patches (torch._inductor.config names) applied to every compiled segment
     inductor: Mapping[str, Any] = field(default_factory=dict)
+    # dynamo's recompile_limit / accumulated_recompile_limit, set when the model first compiles
+    recompile_limits: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.cache_config, DBCacheConfig):
@@ -394,9 +396,12 @@ class BackendOptions:
             raise ValueError(f"inner_backend={self.inner_backend!r} is invalid: expected one of {INNER_BACKENDS}")
         _bool("strict", self.strict)
         _check_inductor(self.inductor, self.inner_backend)
+        from .compile_configs import check_limits
+        check_limits(dict(self.recompile_limits))
 
 
 BACKEND_KEYS = ("cache_config", "inner_backend", "strict", "inductor")
+LIMIT_KEYS = ("recompile_limit", "accumulated_recompile_limit")
 
 
 def _check_inductor(patches: Any, inner_backend: str) -> None:
@@ -485,11 +490,13 @@ def parse_options(options: Optional[Mapping[str, Any]]) -> BackendOptions:
         return BackendOptions()
     if not isinstance(options, Mapping):
         raise ValueError(f"options={options!r} is invalid: expected a dict")
-    known = BACKEND_KEYS + CACHE_KEYS + ("cache_type",)
-    backend_kw, flat = {}, {}
+    known = BACKEND_KEYS + LIMIT_KEYS + CACHE_KEYS + ("cache_type",)
+    backend_kw, flat, limits = {}, {}, {}
     for k, v in options.items():
         if k in BACKEND_KEYS:
             backend_kw[k] = v
+        elif k in LIMIT_KEYS:
+            limits[k] = v
         elif k in known or k in PRUNE_KEYS:
             flat[k] = v
         else:
@@ -502,4 +509,4 @@ def parse_options(options: Optional[Mapping[str, Any]]) -> BackendOptions:
         backend_kw["cache_config"] = _cache_config_from(backend_kw["cache_config"])
     else:
         backend_kw["cache_config"] = _strategy_config(flat)
-    return BackendOptions(**backend_kw)
+    return BackendOptions(**backend_kw, recompile_limits=limits)

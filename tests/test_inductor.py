@@ -74,6 +74,9 @@ def test_inductor_options_reach_every_compiled_piece(monkeypatch):
             return cfx.compile_fx_inner(*args, **kwargs)
         return real(gm, example_inputs, inner_compile=inner, **kw)
     monkeypatch.setattr(cfx, "compile_fx", recording)
+    # compile every piece anew: a cache hit (of an earlier test's graphs) skips inductor's inner compile
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
     cfg = {"residual_diff_threshold": 1.0, "max_warmup_steps": 4, "max_continuous_cached_steps": 2,
            "enable_taylorseer": True}
     ts, x = falling(8), [torch.randn(SHAPE)]
