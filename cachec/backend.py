@@ -21,7 +21,7 @@ from .options import BackendOptions, parse_options
 from .passes import NoBlockChain, find_graph_inputs, plan_graph
 from .passes.calibrate import combination_graph
 from .passes.residuals import fuse_gate_signals, fuse_residuals
-from .plan import GateLayout, SplitPlan
+from .plan import GateLayout, SplitPlan, forward_of
 from .runtime import CachedGraph, ModelState, calibrator_for, strategy_for, summarize
 from .runtime.context import PipelineContext
 from .runtime.summary import CacheSummary
@@ -116,7 +116,7 @@ def _inner_compiler(opts: BackendOptions, fake_mode) -> Callable[[fx.GraphModule
 
     def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
         if inner is None:
-            return gm
+            return forward_of(gm)   # not gm: no nn.Module.__call__ per piece
         # a fresh tracing context per graph: inductor records per-graph metadata there
         with tracing(TracingContext(fake_mode)):
             if patches:
@@ -278,7 +278,7 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
         if opts.strict:
             raise ValueError(f"cachec: no cacheable block chain in this graph ({why}) (strict=True)") from None
         if opts.inner_backend == "eager":
-            plain = gm.forward
+            plain = forward_of(gm)
         else:
             extra = {"config_patches": dict(opts.inductor)} if opts.inductor else {}
             plain = lookup_backend(opts.inner_backend)(gm, example_inputs, **extra)

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..plan import GateLayout, SplitPlan, split_region_outputs
+from ..plan import GateLayout, SplitPlan, forward_of, split_region_outputs
 from .context import CallContext
 from .state import BranchState, ModelState, RegionCache, RequestState
 
@@ -33,7 +33,7 @@ class _Call(threading.local):
         self.compute: list = [True] * n_segments          # per segment index: does this region compute?
 
 
-class FnGate(torch.nn.Module):
+class FnGate:
     """Runs the first-blocks segment, places the call, then lets the strategy decide
     which regions compute.
 
@@ -52,12 +52,11 @@ class FnGate(torch.nn.Module):
 
     def __init__(self, run: Callable, hidden_in: int, hidden_out: int, layout: GateLayout, call: _Call,
                  strategy, read_timestep: Callable[[list], Optional[float]]):
-        super().__init__()
         self.run, self.hidden_in, self.hidden_out, self.layout = run, hidden_in, hidden_out, layout
         self.call, self.strategy = call, strategy
         self.read_timestep = read_timestep
 
-    def forward(self, *args):
+    def __call__(self, *args):
         call, strategy = self.call, self.strategy
         state = call.request
         guess = call.guess
@@ -91,7 +90,7 @@ def _read(values: list) -> list[float]:
     return torch.cat([v.detach().reshape(-1).to(device=device, dtype=torch.float32) for v in values]).tolist()
 
 
-class Region(torch.nn.Module):
+class Region:
     """A gated region (a stretch of blocks, or one block): computes and stores its
     residuals, or reuses them.
 
@@ -112,7 +111,6 @@ class Region(torch.nn.Module):
     def __init__(self, run: Callable, index: int, residual_of: list, call: _Call,
                  calibrators: Optional[list] = None, combine: Optional[list] = None,
                  hidden: Optional[tuple] = None):
-        super().__init__()
         self.run, self.index, self.residual_of, self.call = run, index, residual_of, call
         self.n_outputs = len(residual_of)
         self.calibrators = calibrators or [None] * self.n_outputs   # per output: a calibrator factory or None
@@ -120,7 +118,7 @@ class Region(torch.nn.Module):
         # per-block strategies: (hidden input index, position of its residual among the residuals)
         self.hidden = hidden
 
-    def forward(self, *args):
+    def __call__(self, *args):
         call = self.call
         b = call.branch
         if call.compute[self.index]:
@@ -175,15 +173,6 @@ def _layout(size, stride, dtype, like: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(size, stride, dtype=dtype, device=like.device)
 
 
-class Plain(torch.nn.Module):
-    def __init__(self, run: Callable):
-        super().__init__()
-        self.run = run
-
-    def forward(self, *args):
-        return self.run(*args)
-
-
 class CachedGraph:
     """The callable the backend returns to dynamo for a graph with a block chain.
 
@@ -191,6 +180,11 @@ class CachedGraph:
     fused in), each region (residuals fused in) and the rest plain. ``regions``
     maps each region's index to its per-output calibrator factories and
     combination graphs (None without a calibrator).
+
+    The gate and regions are plain callables, not modules, and the rest are the
+    compiled pieces themselves, set in the split graph's ``__dict__``: a call
+    goes through no ``nn.Module.__call__`` (hooks, 3-4 us each on CPU), only
+    the split graph's generated ``forward``.
     """
 
     def __init__(self, plan: SplitPlan, pieces: list[Callable], gate_layout: GateLayout, strategy,
@@ -215,8 +209,10 @@ class CachedGraph:
                     hidden = (seg.hidden_in, paired.index(seg.hidden_out))
                 mod = Region(run, k, seg.residual_of, self.call, calibrators, combine, hidden)
             else:
-                mod = Plain(run)
-            setattr(plan.parent, seg.module_name, mod)
+                mod = run
+            plan.parent._modules.pop(seg.module_name, None)
+            plan.parent.__dict__[seg.module_name] = mod
+        self.run = forward_of(plan.parent)
 
     def _timesteps(self, rs: RequestState, args) -> list:
         """The timestep tensors to read this call (no sync here): the chosen input once
@@ -258,7 +254,7 @@ class CachedGraph:
         call.timesteps = self._timesteps(rs, args) if rs.needs_timestep(call.context) else []
         call.shape_key = tuple(tuple(args[i].shape) for i in self.shape_inputs)
         call.guess = rs.predict(call.context, call.shape_key)
-        out = self.plan.parent(*args)
+        out = self.run(*args)
         if rs.last_step is not None and call.step >= rs.last_step:
             rs.end_call(call.branch)
             if rs.finished:
