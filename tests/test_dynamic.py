@@ -67,3 +67,18 @@ def test_dynamic_shapes_cache_as_static_and_a_new_resolution_starts_afresh(how):
         assert (s.generation, s.steps) == (gen, len(TS)) and s.computed_steps == computed and s.cached_steps
         for step, (g, w) in enumerate(zip(got, want)):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=lambda m: f"{side}x{side} step {step}: {m}")
+
+
+def test_the_plan_adds_no_guard_on_symbolic_sizes():
+    """With dynamic=True one graph serves every resolution: the passes compare SymInt shapes
+    without guarding them (sorting the carried shapes once guarded the token count between
+    9 and 128, and 4 or 144 tokens then compiled again)."""
+    from torch._dynamo.utils import counters
+    case = build("flux")
+    compiled = torch.compile(case.model, backend="cachec", dynamic=True, options={"inner_backend": "eager", **OPTS})
+    with torch.no_grad():
+        compiled(**flux_inputs(case, 3, 1.0))   # 9 tokens: no other size of the model (16 would be the channels')
+        graphs = counters["stats"]["unique_graphs"]
+        for side in (2, 12, 5):
+            compiled(**flux_inputs(case, side, 1.0))
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .inputs import GraphInputs, example_value, is_module_state
+from .inputs import GraphInputs, example_value, is_module_state, same_size
 from .loops import Block, BlockLoop
 
 
@@ -33,6 +33,20 @@ def _tensor(n) -> bool:
 
 def _shape(n: fx.Node):
     return tuple(example_value(n).shape)
+
+
+def _same_shapes(a: list[fx.Node], b: list[fx.Node]) -> bool:
+    """The shapes of ``a`` and of ``b`` are one multiset, compared without adding a guard:
+    sorting SymInt shapes compares sizes, and each comparison became a dynamo guard (a
+    recompile once a resolution crossed it)."""
+    rest = [_shape(n) for n in b]
+    for shape in map(_shape, a):
+        match = next((i for i, other in enumerate(rest) if len(other) == len(shape)
+                      and all(same_size(x, y) for x, y in zip(shape, other))), None)
+        if match is None:
+            return False
+        rest.pop(match)
+    return not rest
 
 
 def _reachable(start: fx.Node, step) -> set[fx.Node]:
@@ -91,6 +105,5 @@ def find_block_chain(gm: fx.GraphModule, loops: list[BlockLoop], inputs: GraphIn
     if not carried[0]:
         raise NoBlockChain(f"block {blocks[0].name} takes no tensor that block {blocks[1].name} does not")
     hidden = next((a for a in carried[0] if a in from_latent), carried[0][0])
-    stretch_starts = {k for k in range(1, len(blocks))
-                      if sorted(map(_shape, carried[k])) != sorted(map(_shape, carried[k - 1]))}
+    stretch_starts = {k for k in range(1, len(blocks)) if not _same_shapes(carried[k], carried[k - 1])}
     return BlockChain(chained, blocks, carried, hidden, stretch_starts)
