@@ -1,7 +1,7 @@
 """What cachec adds to each transformer call: timed interleaved, in one process, against
 plain torch.compile and (optionally) against cachec at another git revision.
 
-    python bench/percall.py [--baseline REV] [--model flux|toy] [--inner eager] [--rounds 80]
+    python bench/percall.py [--baseline REV] [--model flux|toy] [--side 8] [--inner eager] [--rounds 80]
 
 Every system runs the same model with the same inner backend: the tiny FLUX of the
 tests (2 double + 3 single blocks, 64 image tokens), or the tests' toy DiT (8 blocks
@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from tiny_models import build  # noqa: E402
+from tiny_models import _image_ids, build  # noqa: E402
 
 import cachec  # noqa: E402
 
@@ -70,7 +70,7 @@ def systems(inner: str, baseline) -> dict:
     return out
 
 
-def model_and_calls(name: str, steps: int) -> tuple[Callable, list]:
+def model_and_calls(name: str, steps: int, side: int = 8) -> tuple[Callable, list]:
     """A builder of identical models, and the keyword arguments of one generation's calls."""
     ts = torch.linspace(1.0, 0.05, steps).tolist()
     if name == "toy":
@@ -78,7 +78,10 @@ def model_and_calls(name: str, steps: int) -> tuple[Callable, list]:
         x = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(0))
         return lambda: ToyDiT(8), [dict(hidden_states=x, timestep=torch.tensor([t])) for t in ts]
     case = build("flux")
-    return lambda: build("flux").model, [case.inputs(t) for t in ts]
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, side * side, 16, generator=gen)
+    return lambda: build("flux").model, [{**case.inputs(t), "hidden_states": latent, "img_ids": _image_ids(side, side)}
+                                         for t in ts]
 
 
 def main():
@@ -86,6 +89,7 @@ def main():
     ap.add_argument("--baseline", help="a git revision of cachec to time side by side")
     ap.add_argument("--inner", default="eager", choices=["eager", "aot_eager", "inductor"])
     ap.add_argument("--model", default="flux", choices=["flux", "toy"])
+    ap.add_argument("--side", type=int, default=8, help="tiny FLUX: packed latent grid side (8: 64 tokens)")
     ap.add_argument("--rounds", type=int, default=80)
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--threads", type=int, default=1)
@@ -93,7 +97,7 @@ def main():
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     baseline = (args.baseline, package_at(args.baseline)) if args.baseline else None
-    new_model, calls = model_and_calls(args.model, args.steps)
+    new_model, calls = model_and_calls(args.model, args.steps, args.side)
     # one model instance each (same weights): compiled code and cachec's state stay apart
     compiled = {name: make(new_model()) for name, make in systems(args.inner, baseline).items()}
     times = {name: [] for name in compiled}
@@ -111,7 +115,7 @@ def main():
                     m(**kw)
                 times[name].append((time.perf_counter() - start) / len(calls) * 1e3)
     plain = statistics.median(times["torch.compile"])
-    what = "tiny FLUX, 64 tokens" if args.model == "flux" else "toy DiT, 8 blocks"
+    what = f"tiny FLUX, {args.side ** 2} tokens" if args.model == "flux" else "toy DiT, 8 blocks"
     print(f"\nper call, median of {args.rounds} interleaved rounds of {args.steps} calls; {what}, "
           f"inner backend {args.inner}, {args.threads} thread(s), torch {torch.__version__}")
     print(f"{'system':<30} {'ms/call':>8} {'x plain':>8} {'added us':>9}")
