@@ -190,7 +190,7 @@ class CachedGraph:
     def __init__(self, plan: SplitPlan, pieces: list[Callable], gate_layout: GateLayout, strategy,
                  regions: dict[int, tuple[list, list]], state: ModelState,
                  timestep_inputs: dict[int, str], shape_inputs: list[int]):
-        self.plan, self.state = plan, state
+        self.state = state
         self.timestep_inputs, self.timestep_names = list(timestep_inputs), list(timestep_inputs.values())
         self.shape_inputs = shape_inputs
         self.timestep_choice = 0

@@ -39,7 +39,6 @@ class DBCache:
 
     def __init__(self, config: DBCacheConfig, plan: SplitPlan, blocks: list[str]):
         self.config = config
-        self.regions = plan.regions()
         self.all = {True: [True] * len(plan.segments), False: [False] * len(plan.segments)}
 
     def signal_inputs(self, branch: Optional[BranchState], like: torch.Tensor) -> tuple[list, bool]:
