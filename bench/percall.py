@@ -1,7 +1,7 @@
 """What cachec adds to each transformer call: timed interleaved, in one process, against
 plain torch.compile and (optionally) against cachec at another git revision.
 
-    python bench/percall.py [--baseline REV] [--model flux|toy] [--side 8] [--inner eager] [--rounds 80]
+    python bench/percall.py [--baseline REV] [--model flux|toy] [--side 8] [--blocks 2+3] [--inner eager] [--rounds 80]
 
 Every system runs the same model with the same inner backend: the tiny FLUX of the
 tests (2 double + 3 single blocks, 64 image tokens), or the tests' toy DiT (8 blocks
@@ -11,7 +11,9 @@ every step computes: the difference to plain compile is cachec's fixed cost per 
 With ``--baseline REV`` the package at that revision is unpacked (``git archive``)
 under another name and compiled side by side with the working tree's, twice: the
 two copies of the same code give the noise floor of the comparison (on the tiny
-FLUX, ~30 us between two copies, from where each one's tensors landed).
+FLUX, ~30 us between two copies, from where each one's tensors landed). With
+``--inner inductor`` cachec also runs with ``share_blocks=False`` (every block
+compiled inline), which prices what calling shared block code costs per call.
 
 Each round times one 28-step generation per system, systems in a shuffled order,
 with warm caches; the per-call time of a system is its median over rounds. The table gives
@@ -39,7 +41,7 @@ from tqdm import tqdm
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from tiny_models import _image_ids, build  # noqa: E402
+from tiny_models import _image_ids, _tiny_flux_transformer, build  # noqa: E402
 
 import cachec  # noqa: E402
 
@@ -63,6 +65,10 @@ def systems(inner: str, baseline) -> dict:
     opts = {"inner_backend": inner, "residual_diff_threshold": 0.0}
     out = {"torch.compile": lambda m: torch.compile(m, backend=inner),
            "cachec": lambda m: torch.compile(m, backend=functools.partial(cachec.cachec_backend, options=opts))}
+    if inner == "inductor":   # blocks compiled once (the default) against inlined
+        unshared = {**opts, "share_blocks": False}
+        out["cachec share_blocks=False"] = lambda m: torch.compile(
+            m, backend=functools.partial(cachec.cachec_backend, options=unshared))
     if baseline is not None:
         rev, pkg = baseline
         for name in (f"cachec@{rev}", f"cachec@{rev} (2nd copy)"):
@@ -70,7 +76,7 @@ def systems(inner: str, baseline) -> dict:
     return out
 
 
-def model_and_calls(name: str, steps: int, side: int = 8) -> tuple[Callable, list]:
+def model_and_calls(name: str, steps: int, side: int = 8, blocks: str = "2+3") -> tuple[Callable, list]:
     """A builder of identical models, and the keyword arguments of one generation's calls."""
     ts = torch.linspace(1.0, 0.05, steps).tolist()
     if name == "toy":
@@ -80,7 +86,9 @@ def model_and_calls(name: str, steps: int, side: int = 8) -> tuple[Callable, lis
     case = build("flux")
     gen = torch.Generator().manual_seed(0)
     latent = torch.randn(1, side * side, 16, generator=gen)
-    return lambda: build("flux").model, [{**case.inputs(t), "hidden_states": latent, "img_ids": _image_ids(side, side)}
+    double, single = map(int, blocks.split("+"))
+    return lambda: _tiny_flux_transformer(double, single), [
+        {**case.inputs(t), "hidden_states": latent, "img_ids": _image_ids(side, side)}
                                          for t in ts]
 
 
@@ -90,6 +98,7 @@ def main():
     ap.add_argument("--inner", default="eager", choices=["eager", "aot_eager", "inductor"])
     ap.add_argument("--model", default="flux", choices=["flux", "toy"])
     ap.add_argument("--side", type=int, default=8, help="tiny FLUX: packed latent grid side (8: 64 tokens)")
+    ap.add_argument("--blocks", default="2+3", help="tiny FLUX: double+single blocks (FLUX.1: 19+38)")
     ap.add_argument("--rounds", type=int, default=80)
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--threads", type=int, default=1)
@@ -97,7 +106,7 @@ def main():
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     baseline = (args.baseline, package_at(args.baseline)) if args.baseline else None
-    new_model, calls = model_and_calls(args.model, args.steps, args.side)
+    new_model, calls = model_and_calls(args.model, args.steps, args.side, args.blocks)
     # one model instance each (same weights): compiled code and cachec's state stay apart
     compiled = {name: make(new_model()) for name, make in systems(args.inner, baseline).items()}
     times = {name: [] for name in compiled}
@@ -115,7 +124,7 @@ def main():
                     m(**kw)
                 times[name].append((time.perf_counter() - start) / len(calls) * 1e3)
     plain = statistics.median(times["torch.compile"])
-    what = f"tiny FLUX, {args.side ** 2} tokens" if args.model == "flux" else "toy DiT, 8 blocks"
+    what = f"tiny FLUX {args.blocks} blocks, {args.side ** 2} tokens" if args.model == "flux" else "toy DiT, 8 blocks"
     print(f"\nper call, median of {args.rounds} interleaved rounds of {args.steps} calls; {what}, "
           f"inner backend {args.inner}, {args.threads} thread(s), torch {torch.__version__}")
     print(f"{'system':<30} {'ms/call':>8} {'x plain':>8} {'added us':>9}")

@@ -21,6 +21,7 @@ from .options import BackendOptions, parse_options
 from .passes import NoBlockChain, find_graph_inputs, plan_graph
 from .passes.calibrate import combination_graph
 from .passes.residuals import fuse_gate_signals, fuse_residuals
+from .passes.share import no_subgraph_input_asserts, share_blocks
 from .plan import GateLayout, SplitPlan, forward_of
 from .runtime import CachedGraph, ModelState, calibrator_for, strategy_for, summarize
 from .runtime.context import PipelineContext
@@ -113,12 +114,15 @@ def _inner_compiler(opts: BackendOptions, fake_mode) -> Callable[[fx.GraphModule
     (the same for every segment, gate, region and combination graph)."""
     inner = None if opts.inner_backend == "eager" else lookup_backend(opts.inner_backend)
     patches = dict(opts.inductor)
+    share = opts.share_blocks and opts.inner_backend == "inductor"
 
     def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
         if inner is None:
             return forward_of(gm)   # not gm: no nn.Module.__call__ per piece
+        shared = share and share_blocks(gm)[1] > 0
         # a fresh tracing context per graph: inductor records per-graph metadata there
-        with tracing(TracingContext(fake_mode)):
+        with tracing(TracingContext(fake_mode)), (no_subgraph_input_asserts() if shared
+                                                   else contextlib.nullcontext()):
             if patches:
                 return inner(gm, example_inputs, config_patches=patches)
             return inner(gm, example_inputs)

@@ -387,6 +387,8 @@ class BackendOptions:
     inductor: Mapping[str, Any] = field(default_factory=dict)
     # dynamo's recompile_limit / accumulated_recompile_limit, set when the model first compiles
     recompile_limits: Mapping[str, int] = field(default_factory=dict)
+    # inductor: blocks of equal structure in one compiled piece compile once (passes.share)
+    share_blocks: bool = True
 
     def __post_init__(self):
         if not isinstance(self.cache_config, DBCacheConfig):
@@ -395,12 +397,13 @@ class BackendOptions:
         if self.inner_backend not in INNER_BACKENDS:
             raise ValueError(f"inner_backend={self.inner_backend!r} is invalid: expected one of {INNER_BACKENDS}")
         _bool("strict", self.strict)
+        _bool("share_blocks", self.share_blocks)
         _check_inductor(self.inductor, self.inner_backend)
         from .compile_configs import check_limits
         check_limits(dict(self.recompile_limits))
 
 
-BACKEND_KEYS = ("cache_config", "inner_backend", "strict", "inductor")
+BACKEND_KEYS = ("cache_config", "inner_backend", "strict", "inductor", "share_blocks")
 LIMIT_KEYS = ("recompile_limit", "accumulated_recompile_limit")
 
 
@@ -482,9 +485,9 @@ def parse_options(options: Optional[Mapping[str, Any]]) -> BackendOptions:
 
     Accepts the flat cache-dit keys (``{"Fn_compute_blocks": 1, ...}``) or
     ``{"cache_config": DBCacheConfig(...) or dict}``, not both at once, plus the
-    backend keys ``inner_backend``, ``strict`` and ``inductor`` (inductor config
+    backend keys ``inner_backend``, ``strict``, ``inductor`` (inductor config
     patches for every compiled segment, as ``torch.compile(options=...)`` takes them
-    for plain inductor).
+    for plain inductor) and ``share_blocks`` (blocks of equal structure compile once).
     """
     if options is None:
         return BackendOptions()

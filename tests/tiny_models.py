@@ -115,14 +115,15 @@ def _image_ids(height: int, width: int) -> torch.Tensor:
     return ids.reshape(height * width, 3)
 
 
-def _tiny_flux_transformer() -> torch.nn.Module:
-    """FLUX.1-dev transformer (guidance-distilled) shared by ``build("flux")`` and the tiny pipeline."""
+def _tiny_flux_transformer(double: int = 2, single: int = 3) -> torch.nn.Module:
+    """FLUX.1-dev transformer (guidance-distilled) shared by ``build("flux")``, the tiny pipeline
+    and the benches (which ask for FLUX's depth, 19 + 38, at these widths)."""
     return _seeded(
         diffusers.FluxTransformer2DModel,
         patch_size=1,
         in_channels=16,
-        num_layers=2,
-        num_single_layers=3,
+        num_layers=double,
+        num_single_layers=single,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=32,

@@ -1,0 +1,103 @@
+"""First-call (compile) time of FLUX-shaped models: plain inductor against cachec, with and
+without compiling identical blocks once (``share_blocks``).
+
+    python bench/compile_cost.py [--sizes 6+12 19+38] [--csv F] [--md F]
+
+Each first call runs in a fresh process. "cold" gives it an empty inductor cache
+directory (TORCHINDUCTOR_CACHE_DIR) of its own; "warm" runs it again in another
+fresh process on the directory the cold run filled (inductor's FX graph cache and
+AOTAutograd cache hit; dynamo still traces). The time is the first call: dynamo's
+trace, the backend and the inner compile. The model is the tests' tiny FLUX
+(FluxTransformer2DModel at small widths: 2 heads of 16, 64 image tokens) at the depth asked;
+cachec runs DBCache F1B0. The runs go one after another, each alone.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+SYSTEMS = {
+    "inductor": None,
+    "cachec": {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0},
+    "cachec share_blocks=False": {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "share_blocks": False},
+}
+
+
+def one(system: str, double: int, single: int) -> dict:
+    """Time the first call of one compiled model in this process."""
+    import torch
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from tiny_models import _tiny_flux_transformer, build
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    model, inputs = _tiny_flux_transformer(double, single), {**build("flux").inputs(0.5), "return_dict": False}
+    opts = SYSTEMS[system]
+    compiled = torch.compile(model, backend="inductor") if opts is None else \
+        torch.compile(model, backend="cachec", options=opts)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        out = compiled(**inputs)[0]
+        first = time.perf_counter() - start
+        ref = model(**inputs)[0]
+    return {"first_call_s": first, "max_abs_err": (out - ref).abs().max().item()}
+
+
+def run(system: str, double: int, single: int, cache_dir: str) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+    cmd = [sys.executable, __file__, "--one", system, "--size", f"{double}+{single}"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="*", default=["6+12", "19+38"], help="double+single block counts")
+    ap.add_argument("--systems", nargs="*", default=list(SYSTEMS), choices=list(SYSTEMS))
+    ap.add_argument("--csv", help="write the rows here")
+    ap.add_argument("--md", help="write the table here (markdown)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--size", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        d, s = map(int, args.size.split("+"))
+        print(json.dumps(one(args.one, d, s)))
+        return
+    from tqdm import tqdm
+    rows = []
+    todo = [(size, system) for size in args.sizes for system in args.systems]
+    for size, system in tqdm(todo, desc="first calls (cold, then warm)"):
+        d, s = map(int, size.split("+"))
+        with tempfile.TemporaryDirectory(prefix="cachec-compile-") as cache:
+            cold = run(system, d, s, cache)
+            warm = run(system, d, s, cache)
+        rows.append({"blocks": size, "system": system, "cold_s": round(cold["first_call_s"], 2),
+                     "warm_s": round(warm["first_call_s"], 2), "max_abs_err": f"{cold['max_abs_err']:.1e}"})
+    for size in args.sizes:
+        base = next((r for r in rows if r["blocks"] == size and r["system"] == "inductor"), None)
+        for r in rows:
+            if r["blocks"] == size and base is not None:
+                r["cold_vs_inductor"] = round(r["cold_s"] / base["cold_s"], 2)
+                r["warm_vs_inductor"] = round(r["warm_s"] / base["warm_s"], 2)
+    keys = ["blocks", "system", "cold_s", "cold_vs_inductor", "warm_s", "warm_vs_inductor", "max_abs_err"]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    print("\n".join(lines))
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()

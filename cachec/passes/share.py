@@ -1,0 +1,191 @@
+"""Compile identical blocks once: outline each block into a shared ``invoke_subgraph``.
+
+Inductor compiles every node it is handed, so a piece holding 37 FLUX single
+blocks compiles the same block 37 times. This pass replaces each block's nodes
+by a call of ``torch.ops.higher_order.invoke_subgraph`` (the operator behind
+``torch.compiler.nested_compile_region``) on a subgraph that takes the block's
+parameters as inputs. Blocks whose subgraphs are structurally equal, with
+inputs of equal sizes, strides and dtypes, share one subgraph module and one
+identifier: AOTAutograd traces it once and inductor lowers and compiles it
+once, then calls it per block (bench/results/compile_cpu.md has the numbers).
+
+Rules:
+
+* A block is a run of consecutive nodes whose outermost indexed module is the
+  same container item (``passes.loops.outermost_item``), as the chain finder
+  sees them. Nodes the passes added (residuals, signals) carry no module and
+  stay outside.
+* Views at the end of a block (a slice of the joint sequence handed on as the
+  image tokens) stay in the outer graph, after the call: inductor 2.13 places
+  a subgraph output that is a view at an offset of its buffer twice, and the
+  result is wrong (seen: FLUX single blocks, garbage or a heap corruption).
+* Blocks with symbolic sizes (``dynamic=True``) or non-tensor inputs are left
+  inline: inductor's subgraph operands are tensors of fixed layout.
+
+The subgraph checks no input layout of its own (``no_subgraph_input_asserts``):
+``InvokeSubgraph.create`` already copies each operand to the layout the
+subgraph was compiled for, so the check is redundant, and at 37 inputs per
+block it cost ~10% of a call of the tiny FLUX on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import operator
+from typing import Iterator
+
+import torch
+import torch.fx as fx
+
+from .inputs import example_value
+from .loops import outermost_item
+
+_COMPUTE = ("call_function", "call_method", "call_module")
+SUBGRAPH_PREFIX = "cachec_block_"
+
+
+def _block_runs(gm: fx.GraphModule) -> list[list[fx.Node]]:
+    """Runs of consecutive compute nodes with one outermost container item."""
+    runs, current = [], None
+    for n in gm.graph.nodes:
+        item = outermost_item(n) if n.op in _COMPUTE else None
+        key = item[:2] if item is not None else None
+        if key is not None and key == current:
+            runs[-1].append(n)
+        elif key is not None:
+            runs.append([n])
+        current = key
+    return runs
+
+
+def _is_view(n: fx.Node) -> bool:
+    v = example_value(n)
+    if isinstance(v, torch.Tensor):
+        return v._is_view()
+    if isinstance(v, (tuple, list)) and v and all(isinstance(x, torch.Tensor) for x in v):
+        return all(x._is_view() for x in v)
+    return False
+
+
+def _static_tensor(v) -> bool:
+    return isinstance(v, torch.Tensor) and not any(isinstance(s, torch.SymInt) for s in (*v.shape, *v.stride()))
+
+
+def _values_static(n: fx.Node) -> bool:
+    v = example_value(n)
+    if isinstance(v, (tuple, list)):
+        return all(_static_tensor(x) or not isinstance(x, (torch.Tensor, torch.SymInt)) for x in v)
+    return v is None or _static_tensor(v) or not isinstance(v, (torch.Tensor, torch.SymInt, torch.SymFloat))
+
+
+def _outline_parts(run: list[fx.Node]):
+    """(body, inputs, outputs) of one block, its trailing views left out; None when it
+    cannot be outlined."""
+    inside = set(run)
+    tail: set[fx.Node] = set()
+    for n in reversed(run):
+        if _is_view(n) and all(u not in inside or u in tail for u in n.users):
+            tail.add(n)
+    body = [n for n in run if n not in tail]
+    if not body:
+        return None
+    inside = set(body)
+    inputs = list(dict.fromkeys(a for n in body for a in n.all_input_nodes if a not in inside))
+    outputs = [n for n in body if any(u not in inside for u in n.users)]
+    if not outputs or not all(_static_tensor(example_value(a)) for a in inputs):
+        return None
+    if any(_is_view(o) for o in outputs):   # a view the block itself reads: not one to hand out
+        return None
+    if not all(_values_static(n) for n in body) or not all(_static_tensor(example_value(o)) for o in outputs):
+        return None
+    return body, inputs, outputs
+
+
+def _structure(body: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]) -> tuple:
+    """What makes two blocks share a subgraph: the ops with their arguments as positions,
+    and the layout of each input."""
+    index = {a: i for i, a in enumerate(inputs)}
+    index.update({n: len(inputs) + i for i, n in enumerate(body)})
+
+    def norm(x):
+        return repr(fx.node.map_arg(x, lambda a: ("ref", index[a])))
+    ops = tuple((n.op, str(n.target), norm(n.args), norm(n.kwargs)) for n in body)
+    layouts = tuple((tuple(v.shape), v.stride(), v.dtype, v.device)
+                    for v in (example_value(a) for a in inputs))
+    return ops, layouts, tuple(index[o] for o in outputs)
+
+
+def _subgraph(owner: fx.GraphModule, body: list[fx.Node], inputs: list[fx.Node],
+              outputs: list[fx.Node]) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, a in enumerate(inputs):
+        p = graph.placeholder(f"arg{i}")
+        p.meta = dict(a.meta)
+        env[a] = p
+    for n in body:
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(tuple(env[o] for o in outputs))
+    return fx.GraphModule(owner, graph)
+
+
+def share_blocks(gm: fx.GraphModule) -> tuple[int, int]:
+    """Outline every block of ``gm`` into an ``invoke_subgraph`` call, blocks of equal
+    structure sharing one subgraph. Returns (blocks outlined, distinct subgraphs).
+
+    Expects a dynamo-level graph (a piece of the split graph) whose nodes carry
+    ``nn_module_stack`` and ``example_value``/``val``. Guarantees: the graph computes
+    what it computed, node for node; each block's outputs keep their names' meta.
+    """
+    shared: dict[tuple, str] = {}
+    outlined = 0
+    for run in _block_runs(gm):
+        parts = _outline_parts(run)
+        if parts is None:
+            continue
+        body, inputs, outputs = parts
+        key = _structure(body, inputs, outputs)
+        name = shared.get(key)
+        if name is None:
+            name = shared[key] = f"{SUBGRAPH_PREFIX}{len(shared)}"
+            gm.add_submodule(name, _subgraph(gm, body, inputs, outputs))
+        inside = set(body)
+        with gm.graph.inserting_before(body[0]):
+            attr = gm.graph.get_attr(name)
+            call = gm.graph.call_function(torch.ops.higher_order.invoke_subgraph, (attr, name, *inputs))
+            call.meta["val"] = call.meta["example_value"] = tuple(example_value(o) for o in outputs)
+            for i, o in enumerate(outputs):
+                item = gm.graph.call_function(operator.getitem, (call, i))
+                item.meta = dict(o.meta)
+                o.replace_all_uses_with(item, delete_user_cb=lambda u: u not in inside)
+        for n in reversed(body):
+            gm.graph.erase_node(n)
+        outlined += 1
+    if outlined:
+        gm.graph.lint()
+        gm.recompile()
+    return outlined, len(shared)
+
+
+@contextlib.contextmanager
+def no_subgraph_input_asserts() -> Iterator[None]:
+    """While compiling: subgraphs skip the input layout checks the caller already
+    guarantees (module docstring). Where this torch has no such hook, nothing changes."""
+    try:
+        from torch._inductor.codegen.wrapper import SubgraphPythonWrapperCodegen as Codegen
+    except ImportError:
+        yield
+        return
+    name = "codegen_input_size_and_nan_asserts"
+    if name not in vars(Codegen) and not hasattr(Codegen, name):
+        yield
+        return
+    had = name in vars(Codegen)
+    old = vars(Codegen).get(name)
+    setattr(Codegen, name, lambda self: None)
+    try:
+        yield
+    finally:
+        if had:
+            setattr(Codegen, name, old)
+        else:
+            delattr(Codegen, name)
