@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import sys
 import warnings
@@ -109,23 +110,43 @@ def _check_whole(chain, module: Optional[torch.nn.Module]) -> None:
                                f"{lp.cls.__name__} blocks in '{lp.container}': the loop is split across graphs")
 
 
-def _inner_compiler(opts: BackendOptions, fake_mode) -> Callable[[fx.GraphModule, list], Callable]:
+def _inner_compiler(opts: BackendOptions, fake_mode, shared_count: Optional[list] = None
+                    ) -> Callable[[fx.GraphModule, list], Callable]:
     """How each piece compiles: the inner backend, with ``opts.inductor``'s config patches
-    (the same for every segment, gate, region and combination graph)."""
+    (the same for every segment, gate, region and combination graph). With inductor and
+    ``share_blocks``, blocks of equal structure in a piece compile once (``passes.share``);
+    ``shared_count`` then adds up [blocks outlined, subgraphs compiled]."""
     inner = None if opts.inner_backend == "eager" else lookup_backend(opts.inner_backend)
     patches = dict(opts.inductor)
     share = opts.share_blocks and opts.inner_backend == "inductor"
 
-    def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
-        if inner is None:
-            return forward_of(gm)   # not gm: no nn.Module.__call__ per piece
-        shared = share and share_blocks(gm)[1] > 0
+    def run_inner(gm: fx.GraphModule, example_inputs: list, shared: bool) -> Callable:
         # a fresh tracing context per graph: inductor records per-graph metadata there
         with tracing(TracingContext(fake_mode)), (no_subgraph_input_asserts() if shared
                                                    else contextlib.nullcontext()):
             if patches:
                 return inner(gm, example_inputs, config_patches=patches)
             return inner(gm, example_inputs)
+
+    def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
+        if inner is None:
+            return forward_of(gm)   # not gm: no nn.Module.__call__ per piece
+        if share:
+            outlined = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+            blocks, distinct = share_blocks(outlined)
+            if distinct:
+                try:
+                    compiled = run_inner(outlined, example_inputs, True)
+                except Exception as e:   # compiled inline below: slower to compile, same result
+                    warnings.warn(f"cachec: compiling identical blocks once failed ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}); this segment's blocks compile "
+                                  f"inline. share_blocks=False skips the attempt.", CachecWarning, stacklevel=2)
+                else:
+                    if shared_count is not None:
+                        shared_count[0] += blocks
+                        shared_count[1] += distinct
+                    return compiled
+        return run_inner(gm, example_inputs, False)
     return compile_graph
 
 
@@ -297,7 +318,8 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
         "regions": {k: "+".join(plan.segments[k].blocks) for k in plan.regions()},
     }
     fake_mode = detect_fake_mode(example_inputs) or TracingContext.get().fake_mode
-    compile_graph = _inner_compiler(opts, fake_mode)
+    shared = [0, 0]
+    compile_graph = _inner_compiler(opts, fake_mode, shared)
     pieces, layout = [], None
     for k, seg in enumerate(plan.segments):
         if k == plan.gate_segment:
@@ -308,6 +330,7 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
                                         plan.example_inputs(seg)))
         else:
             pieces.append(compile_graph(plan.submodule(seg), plan.example_inputs(seg)))
+    state.chain_info["shared"] = tuple(shared)
     calibrator = cfg.calibrator()
     regions = _region_calibrators(compile_graph, plan, calibrator, fake_mode) if calibrator is not None else {}
     handler = strategy(cfg, plan, chain.names)

@@ -20,7 +20,9 @@ Rules:
   a subgraph output that is a view at an offset of its buffer twice, and the
   result is wrong (seen: FLUX single blocks, garbage or a heap corruption).
 * Blocks with symbolic sizes (``dynamic=True``) or non-tensor inputs are left
-  inline: inductor's subgraph operands are tensors of fixed layout.
+  inline: inductor's subgraph operands are tensors of fixed layout. So are blocks
+  with an in-place op, and the backend compiles a segment inline if compiling it
+  outlined fails for any other reason (with a warning).
 
 The subgraph checks no input layout of its own (``no_subgraph_input_asserts``):
 ``InvokeSubgraph.create`` already copies each operand to the layout the
@@ -77,6 +79,19 @@ def _values_static(n: fx.Node) -> bool:
     return v is None or _static_tensor(v) or not isinstance(v, (torch.Tensor, torch.SymInt, torch.SymFloat))
 
 
+def _mutates(n: fx.Node) -> bool:
+    """An in-place op (``x.add_``, ``x[i] = y``, ``a += b``): AOTAutograd cannot carry a
+    mutation of a subgraph input out of ``invoke_subgraph``, so such blocks stay inline."""
+    if n.op == "call_method":
+        return n.target.endswith("_") and not n.target.startswith("_")
+    if n.op == "call_function":
+        name = getattr(n.target, "__name__", "")
+        return n.target in (operator.setitem,) or name.startswith("i") and hasattr(operator, name) \
+            and name[1:] in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor") \
+            or name.endswith("_") and not name.startswith("_") or "out" in n.kwargs
+    return False
+
+
 def _outline_parts(run: list[fx.Node]):
     """(body, inputs, outputs) of one block, its trailing views left out; None when it
     cannot be outlined."""
@@ -86,7 +101,7 @@ def _outline_parts(run: list[fx.Node]):
         if _is_view(n) and all(u not in inside or u in tail for u in n.users):
             tail.add(n)
     body = [n for n in run if n not in tail]
-    if not body:
+    if not body or any(_mutates(n) for n in body):
         return None
     inside = set(body)
     inputs = list(dict.fromkeys(a for n in body for a in n.all_input_nodes if a not in inside))

@@ -48,11 +48,16 @@ class CacheSummary:
     unproven: dict[str, list[str]] = field(default_factory=dict)   # blocks run always: outputs of unproven role
     strategy: str = "DBCache"
     blocks_total: int = 0                  # chain length (DBPrune's blocks_run counts out of it)
+    # (blocks, subgraphs): with inductor and share_blocks, the blocks compiled as calls of that
+    # many shared subgraphs (counted per compiled piece); (0, 0) where none were
+    shared_blocks: tuple[int, int] = (0, 0)
 
     def __str__(self) -> str:
         lines = [f"cachec: {len(self.blocks)} chained blocks, Fn={self.Fn} Bn={self.Bn} ({self.config}); "
                  f"timestep input: {self.timestep_input or 'none found (steps counted by calls)'}",
-                 "segments: " + " | ".join(f"{k}[{len(b)}]" if b else k for k, b in self.segments),
+                 "segments: " + " | ".join(f"{k}[{len(b)}]" if b else k for k, b in self.segments)
+                 + (f"; blocks compiled once: {self.shared_blocks[0]} blocks shared {self.shared_blocks[1]} "
+                    f"compiled subgraphs" if self.shared_blocks[1] else ""),
                  f"generation {self.generation}: {self.steps} steps, {self.calls} calls; steps and branches "
                  f"from: {self.identity}"]
         if self.unpaired:
@@ -123,4 +128,5 @@ def summarize(model: ModelState, state: RequestState) -> CacheSummary:
         timestep_input=state.timestep_input, generation=state.generation,
         segments=list(info.get("segments", [])), config=state.config.short_name(), identity=state.identity,
         unpaired=list(info.get("unpaired", [])), unproven=dict(info.get("unproven", {})),
-        strategy=state.config.cache_type, blocks_total=len(info.get("blocks", [])))
+        strategy=state.config.cache_type, blocks_total=len(info.get("blocks", [])),
+        shared_blocks=tuple(info.get("shared", (0, 0))))

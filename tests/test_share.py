@@ -1,0 +1,187 @@
+"""Identical blocks compile once (passes.share): which blocks share a subgraph, and that
+the outlined graph computes what the original did, eagerly, through AOTAutograd and
+through inductor."""
+import copy
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+
+import cachec
+from cachec.passes.inputs import example_value
+from cachec.passes.share import SUBGRAPH_PREFIX, no_subgraph_input_asserts, share_blocks
+from tiny_models import _tiny_flux_transformer, build
+
+
+def _dynamo_graph(model, *args, dynamic=False, **kwargs) -> tuple[fx.GraphModule, list]:
+    """The graph dynamo hands a backend for ``model(*args, **kwargs)``, with its example inputs."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append((gm, example_inputs))
+        return gm.forward
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend, dynamic=dynamic)(*args, **kwargs)
+    assert len(seen) == 1
+    return seen[0]
+
+
+def _subgraph_calls(gm: fx.GraphModule) -> list[str]:
+    """The shared subgraph each outlined block calls, in graph order."""
+    return [n.args[0].target for n in gm.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+
+
+class Scale(torch.nn.Module):
+    """``h * (1 + scale * w) + w``: ``scale`` is a Python constant, baked into the graph."""
+
+    def __init__(self, scale: float, dim: int = 8):
+        super().__init__()
+        self.scale = scale
+        self.w = torch.nn.Parameter(torch.randn(dim))
+
+    def forward(self, h):
+        return h * (1 + self.scale * self.w) + self.w
+
+
+class Stack(torch.nn.Module):
+    def __init__(self, scales):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([Scale(s) for s in scales])
+
+    def forward(self, h):
+        for b in self.blocks:
+            h = b(h)
+        return h.sum(-1)
+
+
+@pytest.mark.parametrize("scales, expected", [
+    ([2.0, 2.0, 2.0, 2.0], ["0", "0", "0", "0"]),
+    ([2.0, 2.0, 3.0, 2.0], ["0", "0", "1", "0"]),   # a different constant is a different block
+])
+def test_blocks_share_a_subgraph_exactly_when_their_structure_is_equal(scales, expected):
+    torch.manual_seed(0)
+    model, x = Stack(scales), torch.randn(2, 8)
+    gm, ex = _dynamo_graph(model, x)
+    want = gm(*ex)
+    outlined, distinct = share_blocks(gm)
+    assert (outlined, distinct) == (len(scales), len(set(expected)))
+    assert _subgraph_calls(gm) == [SUBGRAPH_PREFIX + e for e in expected]
+    torch.testing.assert_close(gm(*ex), want, rtol=0, atol=0)
+
+
+def test_tiny_flux_outlined_computes_what_it_did():
+    """Every block of the tiny FLUX (2 double + 3 single) is outlined; the double blocks share
+    one subgraph; no subgraph returns a view (inductor misplaces those: passes.share); eager
+    and AOTAutograd runs of the outlined graph equal the original exactly."""
+    case = build("flux")
+    gm, ex = _dynamo_graph(case.model, **case.inputs(0.6))
+    want = gm(*ex)
+    original = copy.deepcopy(gm)
+    outlined, distinct = share_blocks(gm)
+    calls = _subgraph_calls(gm)
+    assert outlined == 5 and len(calls) == 5
+    assert calls[0] == calls[1] and distinct < outlined
+    for name in set(calls):
+        out = next(iter(getattr(gm, name).graph.find_nodes(op="output")))
+        assert not any(example_value(o)._is_view() for o in out.args[0])
+    torch.testing.assert_close(gm(*ex), want, rtol=0, atol=0)
+    aot = torch._dynamo.backends.debugging.aot_eager(gm, ex)
+    torch.testing.assert_close(aot(*ex), original(*ex), rtol=0, atol=0)
+
+
+def test_symbolic_sizes_stay_inline():
+    case = build("flux")
+    gm, _ = _dynamo_graph(case.model, dynamic=True, **case.inputs(0.6))
+    assert share_blocks(gm) == (0, 0)
+    assert not _subgraph_calls(gm)
+
+
+def test_subgraph_assert_switch_is_put_back():
+    from torch._inductor.codegen.wrapper import SubgraphPythonWrapperCodegen as Codegen
+    before = Codegen.codegen_input_size_and_nan_asserts
+    with no_subgraph_input_asserts():
+        assert Codegen.codegen_input_size_and_nan_asserts is not before
+    assert Codegen.codegen_input_size_and_nan_asserts is before
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_share_blocks_option_is_a_bool(value):
+    with pytest.raises(ValueError, match="share_blocks"):
+        cachec.parse_options({"share_blocks": value})
+
+
+@pytest.mark.inductor
+def test_shared_blocks_through_inductor_match_eager():
+    """Tiny FLUX at 3 + 6 blocks, DBCache with computed and cached steps: inductor with
+    shared blocks gives what eager gives, step for step, and what inductor with every
+    block inline gives; cachec.summary says how many subgraphs the blocks compiled to."""
+    model = _tiny_flux_transformer(3, 6)
+    case = build("flux")
+    ts = torch.linspace(1.0, 0.05, 8).tolist()
+    opts = {"Fn_compute_blocks": 1, "max_warmup_steps": 2, "residual_diff_threshold": 0.3}
+    outs = {}
+    with torch.no_grad():
+        for share in (True, False):
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="cachec", options={**opts, "share_blocks": share})
+            outs[share] = [compiled(**case.inputs(t))[0] for t in ts]
+            s = cachec.summary(compiled)
+            if share:
+                assert 0 < len(s.cached_steps) < len(ts)
+                assert s.shared_blocks[0] == 9 and s.shared_blocks[1] < 9   # 1 + 8 blocks
+                assert "blocks compiled once: 9 blocks" in str(s)
+        eager = torch.compile(model, backend="cachec", options={**opts, "inner_backend": "eager"})
+        torch._dynamo.reset()
+        ref = [eager(**case.inputs(t))[0] for t in ts]
+    for a, b, r in zip(outs[True], outs[False], ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+class InPlace(torch.nn.Module):
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(dim))
+
+    def forward(self, h):
+        h = h * 2
+        h.add_(self.w)
+        return h
+
+
+def test_blocks_with_in_place_ops_stay_inline():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.blocks = torch.nn.ModuleList([InPlace(), InPlace(), InPlace()])
+    model.forward = lambda h: model.blocks[2](model.blocks[1](model.blocks[0](h)))
+    gm, ex = _dynamo_graph(model, torch.randn(2, 8))
+    want = gm(*ex)
+    assert share_blocks(gm) == (0, 0)
+    torch.testing.assert_close(gm(*ex), want, rtol=0, atol=0)
+
+
+def test_a_segment_that_fails_to_compile_outlined_compiles_inline(monkeypatch):
+    """An inner compiler that cannot take the outlined graph: cachec warns once per
+    segment, compiles it inline, and the outputs are the eager ones."""
+    import cachec.backend as backend
+    compiled_graphs = []
+
+    def picky(gm, example_inputs, **kw):
+        if any(n.target is torch.ops.higher_order.invoke_subgraph for n in gm.graph.nodes):
+            raise RuntimeError("no subgraphs here")
+        compiled_graphs.append(gm)
+        return gm.forward
+    monkeypatch.setattr(backend, "lookup_backend", lambda name: picky)
+    case = build("flux")
+    ts = torch.linspace(1.0, 0.1, 3).tolist()
+    torch._dynamo.reset()
+    compiled = torch.compile(case.model, backend="cachec", options={"Fn_compute_blocks": 1})
+    with torch.no_grad(), pytest.warns(cachec.CachecWarning, match="compiling identical blocks once failed"):
+        outs = [compiled(**case.inputs(t))[0] for t in ts]
+    with torch.no_grad():
+        ref = [case.model(**case.inputs(t))[0] for t in ts]
+    for a, r in zip(outs, ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+    assert compiled_graphs and cachec.summary(compiled).shared_blocks == (0, 0)
