@@ -56,8 +56,8 @@ class CacheSummary:
         lines = [f"cachec: {len(self.blocks)} chained blocks, Fn={self.Fn} Bn={self.Bn} ({self.config}); "
                  f"timestep input: {self.timestep_input or 'none found (steps counted by calls)'}",
                  "segments: " + " | ".join(f"{k}[{len(b)}]" if b else k for k, b in self.segments)
-                 + (f"; blocks compiled once: {self.shared_blocks[0]} blocks shared {self.shared_blocks[1]} "
-                    f"compiled subgraphs" if self.shared_blocks[1] else ""),
+                 + (f"; identical blocks compiled once: {self.shared_blocks[0]} blocks as "
+                    f"{self.shared_blocks[1]} compiled subgraphs" if self.shared_blocks[1] else ""),
                  f"generation {self.generation}: {self.steps} steps, {self.calls} calls; steps and branches "
                  f"from: {self.identity}"]
         if self.unpaired:
