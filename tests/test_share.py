@@ -58,7 +58,9 @@ class Stack(torch.nn.Module):
 
 @pytest.mark.parametrize("scales, expected", [
     ([2.0, 2.0, 2.0, 2.0], ["0", "0", "0", "0"]),
-    ([2.0, 2.0, 3.0, 2.0], ["0", "0", "1", "0"]),   # a different constant is a different block
+    ([2.0, 2.0, 3.0, 2.0, 3.0], ["0", "0", "1", "0", "1"]),   # a different constant is a different block
+    ([2.0, 2.0, 3.0, 2.0], ["0", "0", "0"]),    # the one block of its kind stays inline
+    ([2.0, 3.0, 4.0], []),
 ])
 def test_blocks_share_a_subgraph_exactly_when_their_structure_is_equal(scales, expected):
     torch.manual_seed(0)
@@ -66,23 +68,24 @@ def test_blocks_share_a_subgraph_exactly_when_their_structure_is_equal(scales, e
     gm, ex = _dynamo_graph(model, x)
     want = gm(*ex)
     outlined, distinct = share_blocks(gm)
-    assert (outlined, distinct) == (len(scales), len(set(expected)))
+    assert (outlined, distinct) == (len(expected), len(set(expected)))
     assert _subgraph_calls(gm) == [SUBGRAPH_PREFIX + e for e in expected]
     torch.testing.assert_close(gm(*ex), want, rtol=0, atol=0)
 
 
 def test_tiny_flux_outlined_computes_what_it_did():
-    """Every block of the tiny FLUX (2 double + 3 single) is outlined; the double blocks share
-    one subgraph; no subgraph returns a view (inductor misplaces those: passes.share); eager
-    and AOTAutograd runs of the outlined graph equal the original exactly."""
+    """The tiny FLUX at 3 double + 6 single blocks: the double blocks share one subgraph, each
+    subgraph serves two blocks or more; no subgraph returns a view (inductor misplaces those:
+    passes.share); eager and AOTAutograd runs of the outlined graph equal the original exactly."""
     case = build("flux")
-    gm, ex = _dynamo_graph(case.model, **case.inputs(0.6))
+    gm, ex = _dynamo_graph(_tiny_flux_transformer(3, 6), **case.inputs(0.6))
     want = gm(*ex)
     original = copy.deepcopy(gm)
     outlined, distinct = share_blocks(gm)
     calls = _subgraph_calls(gm)
-    assert outlined == 5 and len(calls) == 5
-    assert calls[0] == calls[1] and distinct < outlined
+    assert len(calls) == outlined and outlined >= 7
+    assert calls[0] == calls[1] == calls[2] and distinct < outlined
+    assert all(calls.count(c) >= 2 for c in calls)
     for name in set(calls):
         out = next(iter(getattr(gm, name).graph.find_nodes(op="output")))
         assert not any(example_value(o)._is_view() for o in out.args[0])
@@ -130,8 +133,9 @@ def test_shared_blocks_through_inductor_match_eager():
             s = cachec.summary(compiled)
             if share:
                 assert 0 < len(s.cached_steps) < len(ts)
-                assert s.shared_blocks[0] == 9 and s.shared_blocks[1] < 9   # 1 + 8 blocks
-                assert f"identical blocks compiled once: 9 blocks as {s.shared_blocks[1]} compiled" in str(s)
+                blocks, subgraphs = s.shared_blocks   # of the 8 middle blocks: the Fn block is alone
+                assert 2 <= blocks <= 8 and subgraphs < blocks
+                assert f"identical blocks compiled once: {blocks} blocks as {subgraphs} compiled" in str(s)
         eager = torch.compile(model, backend="cachec", options={**opts, "inner_backend": "eager"})
         torch._dynamo.reset()
         ref = [eager(**case.inputs(t))[0] for t in ts]

@@ -19,6 +19,7 @@ Rules:
   image tokens) stay in the outer graph, after the call: inductor 2.13 places
   a subgraph output that is a view at an offset of its buffer twice, and the
   result is wrong (seen: FLUX single blocks, garbage or a heap corruption).
+* A block whose structure occurs only once in the piece stays inline.
 * Blocks with symbolic sizes (``dynamic=True``) or non-tensor inputs are left
   inline: inductor's subgraph operands are tensors of fixed layout. So are blocks
   with an in-place op, and the backend compiles a segment inline if compiling it
@@ -31,6 +32,7 @@ block it cost ~10% of a call of the tiny FLUX on CPU.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import operator
 from typing import Iterator
@@ -145,19 +147,24 @@ def _subgraph(owner: fx.GraphModule, body: list[fx.Node], inputs: list[fx.Node],
 
 def share_blocks(gm: fx.GraphModule) -> tuple[int, int]:
     """Outline every block of ``gm`` into an ``invoke_subgraph`` call, blocks of equal
-    structure sharing one subgraph. Returns (blocks outlined, distinct subgraphs).
+    structure sharing one subgraph. A block whose structure occurs once in ``gm`` stays
+    inline: it compiles once either way, and inline it keeps the fusion with its
+    neighbours and costs no call. Returns (blocks outlined, distinct subgraphs).
 
     Expects a dynamo-level graph (a piece of the split graph) whose nodes carry
     ``nn_module_stack`` and ``example_value``/``val``. Guarantees: the graph computes
     what it computed, node for node; each block's outputs keep their names' meta.
     """
+    runs = _block_runs(gm)
+    keys = [None if (parts := _outline_parts(run)) is None else _structure(*parts) for run in runs]
+    repeats = collections.Counter(k for k in keys if k is not None)
     shared: dict[tuple, str] = {}
     outlined = 0
-    for run in _block_runs(gm):
-        parts = _outline_parts(run)
-        if parts is None:
+    for run, first_key in zip(runs, keys):
+        if first_key is None or repeats[first_key] < 2:   # once: inline keeps its fusion, costs no call
             continue
-        body, inputs, outputs = parts
+        # again: outlining the blocks before this one replaced its inputs by their calls' items
+        body, inputs, outputs = _outline_parts(run)
         key = _structure(body, inputs, outputs)
         name = shared.get(key)
         if name is None:
