@@ -161,10 +161,10 @@ def _gate_graph(compile_graph: Callable, plan: SplitPlan, strategy, fake_mode) -
     """The Fn segment compiled with the strategy's signal fused in (``passes.residuals``;
     the measurements that chose fusing: bench/results/fusion_cpu.md)."""
     seg = plan.segments[plan.gate_segment]
-    gm = fuse_gate_signals(plan.submodule(seg), plan.gate_hidden_in, plan.gate_hidden_out, strategy.signal,
+    gm = fuse_gate_signals(plan.submodule(seg), plan.gate_hidden_name, plan.gate_hidden_out, strategy.signal,
                            len(plan.probe_regions))
     if strategy.signal == "residual":   # the gate hands it contiguous residuals
-        extra = [_fake_like(plan.example_values[seg.input_names[plan.gate_hidden_in]], fake_mode, True)]
+        extra = [_fake_like(plan.example_values[plan.gate_hidden_name], fake_mode, True)]
     else:                               # stored inputs and residuals, contiguous, per probed block
         extra = []
         for k in plan.probe_regions:

@@ -39,7 +39,7 @@ def rel_l1(prev, cur):
 def test_fused_graph_returns_the_outputs_the_residual_and_its_relative_l1(tokens, dim, dtype):
     gm = fx.symbolic_trace(JointBlock())
     args, prev = inputs(tokens, dim, dtype)
-    fused = fuse_gate_signals(gm, hidden_in=1, hidden_out=1, signal="residual")
+    fused = fuse_gate_signals(gm, hidden_in="x", hidden_out=1, signal="residual")
     *outs, residual, sums = fused(*args, prev)
     want = gm(*args)
     assert len(outs) == len(want)
@@ -49,6 +49,29 @@ def test_fused_graph_returns_the_outputs_the_residual_and_its_relative_l1(tokens
     torch.testing.assert_close(residual, want[1] - args[1], rtol=0, atol=0)
     assert sums.dtype == torch.float32 and sums.shape == (1, 2)   # partial sums, not a ratio
     assert float(sums[0, 0]) == pytest.approx(float((prev.double() - residual.double()).abs().sum()), rel=1e-5)
+    assert float(sums[0, 0] / sums[0, 1]) == pytest.approx(rel_l1(prev, residual), rel=1e-5)
+
+
+class WithPrologue(torch.nn.Module):
+    """A prologue that makes the hidden states inside the graph, then the joint block."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = JointBlock()
+
+    def forward(self, txt, latent, attn, gate):
+        x = latent * 3 - 1
+        return self.block(txt, x, attn, gate)
+
+
+def test_gate_residual_starts_from_hidden_states_made_inside_the_segment():
+    """The prologue merged into the Fn segment: the residual is taken from the node that
+    makes the hidden states, not from an input."""
+    gm = fx.symbolic_trace(WithPrologue())
+    start = next(n.name for n in gm.graph.nodes if n.op == "call_function" and n.target.__name__ == "sub")
+    args, prev = inputs(9, 8, torch.float32)
+    *outs, residual, sums = fuse_gate_signals(gm, hidden_in=start, hidden_out=1, signal="residual")(*args, prev)
+    torch.testing.assert_close(residual, outs[1] - (args[1] * 3 - 1), rtol=0, atol=0)
     assert float(sums[0, 0] / sums[0, 1]) == pytest.approx(rel_l1(prev, residual), rel=1e-5)
 
 
@@ -77,7 +100,7 @@ def test_fused_graph_through_inductor_matches_the_eager_gate(dtype, device):
     """Inductor takes the residual from the output before rounding it to dtype: one ulp of the output."""
     gm = fx.symbolic_trace(JointBlock())
     args, prev = inputs(127, 64, dtype, device=device)
-    fused = fuse_gate_signals(gm, hidden_in=1, hidden_out=1, signal="residual")
+    fused = fuse_gate_signals(gm, hidden_in="x", hidden_out=1, signal="residual")
     torch._dynamo.reset()
     *outs, residual, sums = torch.compile(fused, backend="inductor", dynamic=False)(*args, prev)
     diff = sums[0, 0] / sums[0, 1]
@@ -119,7 +142,7 @@ def test_fused_probe_returns_each_blocks_input_change_along_the_reuse_trajectory
     args, _ = inputs(9, 8, dtype, seed)
     g = torch.Generator().manual_seed(seed + 1)
     pairs = [torch.randn(2, 9, 8, generator=g).to(dtype) for _ in range(2 * blocks)]
-    *outs, sums = fuse_gate_signals(gm, hidden_in=1, hidden_out=1, signal="probe", probes=blocks)(*args, *pairs)
+    *outs, sums = fuse_gate_signals(gm, hidden_in="x", hidden_out=1, signal="probe", probes=blocks)(*args, *pairs)
     want = gm(*args)
     for o, w in zip(outs, want):
         torch.testing.assert_close(o, w, rtol=0, atol=0)

@@ -7,7 +7,7 @@ The passes run in this order (see ``plan_graph``):
 3. ``find_block_chain``    the loops the latent tokens flow through, with the
                            tensors each block carries and the stretches where
                            their shapes stay the same
-4. ``split_chain``         prologue | Fn | middle | Bn | epilogue segments,
+4. ``split_chain``         [prologue |] Fn | middle | Bn | epilogue segments,
                            with the residual pairing of each gated segment
 
 then the backend runs ``fuse_gate_signals`` on the Fn segment (the gate's

@@ -48,10 +48,12 @@ def fuse_residuals(mid: fx.GraphModule, residual_of: list) -> fx.GraphModule:
     return fx.GraphModule(mid, graph)
 
 
-def fuse_gate_signals(fn: fx.GraphModule, hidden_in: int, hidden_out: int, signal: str,
+def fuse_gate_signals(fn: fx.GraphModule, hidden_in: str, hidden_out: int, signal: str,
                       probes: int = 0) -> fx.GraphModule:
     """A copy of the Fn segment with the gate's signals fused in (``plan.GateLayout``).
 
+    ``hidden_in`` names the node of the hidden states entering block 0: an input of
+    the segment, or a node inside it where the prologue runs in the segment.
     ``signal="residual"`` (DBCache): takes the stored Fn residual as one more input;
     returns its outputs, this step's residual ``hidden_out - hidden_in`` and the
     partial sums ``[[sum|prev - residual|, sum|prev|]]``. ``prev`` must be contiguous
@@ -62,17 +64,18 @@ def fuse_gate_signals(fn: fx.GraphModule, hidden_in: int, hidden_out: int, signa
     ``probes`` blocks; returns its outputs and ``plan.probe_sums`` of the hidden
     output along them, one row per block.
     """
-    if signal == "residual":
-        n_outs = len(_output(fn.graph).args[0])
-        gm = fuse_residuals(fn, [hidden_in if i == hidden_out else None for i in range(n_outs)])
-        extra = ["cachec_prev_residual"]
-    elif signal == "probe":
-        gm = fx.GraphModule(fn, copy.deepcopy(fn.graph))
-        extra = [f"cachec_probe_{kind}_{i}" for i in range(probes) for kind in ("stored", "residual")]
-    else:
+    if signal not in ("residual", "probe"):
         raise ValueError(f"signal={signal!r}: expected 'residual' or 'probe'")
+    gm = fx.GraphModule(fn, copy.deepcopy(fn.graph))
     graph, out_node = gm.graph, _output(gm.graph)
     outs = tuple(out_node.args[0])
+    if signal == "residual":
+        start = next(n for n in graph.nodes if n.name == hidden_in)
+        with graph.inserting_before(out_node):
+            outs += (graph.call_function(_residual, (outs[hidden_out], start)),)
+        extra = ["cachec_prev_residual"]
+    else:
+        extra = [f"cachec_probe_{kind}_{i}" for i in range(probes) for kind in ("stored", "residual")]
     last = list(graph.find_nodes(op="placeholder"))[-1]
     added = []
     for name in extra:

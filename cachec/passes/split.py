@@ -1,4 +1,5 @@
-"""Cut the graph into prologue | Fn | middle | Bn | epilogue segments."""
+"""Cut the graph into [prologue |] Fn | middle | Bn | epilogue segments (the prologue runs in
+the Fn segment where the hidden states' shape is static)."""
 from __future__ import annotations
 
 import bisect
@@ -39,16 +40,21 @@ def _begin(chain: BlockChain, b: int) -> int:
 
 
 def _starts(chain: BlockChain, Fn: int, Bn: int, always: set[int],
-            per_block: bool) -> list[tuple[int, str, list[str]]]:
-    """(start position, kind, block names) of each segment, in graph order."""
+            per_block: bool, merge_prologue: bool) -> list[tuple[int, str, list[str]]]:
+    """(start position, kind, block names) of each segment, in graph order. With
+    ``merge_prologue`` the Fn segment starts at the top of the graph."""
     blocks = chain.blocks
-    starts: list[tuple[int, str, list[str]]] = [(0, "prologue", [])]
+    starts: list[tuple[int, str, list[str]]] = [] if merge_prologue else [(0, "prologue", [])]
     for kind, s, e in _pieces(chain, Fn, Bn, always, per_block):
         if s in chain.stretch_starts and blocks[s - 1].last + 1 < blocks[s].first:
             starts.append((blocks[s - 1].last + 1, "glue", []))
-        starts.append((_begin(chain, s), kind, [b.name for b in blocks[s:e + 1]]))
+        starts.append((0 if not starts else _begin(chain, s), kind, [b.name for b in blocks[s:e + 1]]))
     starts.append((blocks[-1].last + 1, "epilogue", []))
     return starts
+
+
+def _static(value) -> bool:
+    return isinstance(value, torch.Tensor) and not any(isinstance(d, torch.SymInt) for d in value.shape)
 
 
 def _carried(used: list[fx.Node], since: int, pos: dict) -> list[fx.Node]:
@@ -107,9 +113,12 @@ def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int, granula
         if missing:
             unproven[blocks[b].name] = missing
     by_name = {nd.name: nd for nd in nodes}
+    # the prologue runs in the gate's segment (one compiled call less per call) where the hidden
+    # states' shape is static: the gate then knows it without reading a segment input
+    merge = _static(example_value(chain.hidden_in))
     while True:   # a run of proven blocks is proven too, unless glue between them breaks the path
         always = {b for b in range(n) if blocks[b].name in unproven}
-        starts = _starts(chain, Fn, Bn, always, granularity == "block")
+        starts = _starts(chain, Fn, Bn, always, granularity == "block", merge)
         parent, segments, spans = _split(gm, starts, pos)
         if not any(s.kind == "mid" for s in segments):
             raise NoBlockChain("no middle block returns outputs whose roles are proven by data flow ("
@@ -128,10 +137,9 @@ def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int, granula
             break
     gate = next(i for i, s in enumerate(segments) if s.kind == "fn")
     g = segments[gate]
-    hidden_in = g.input_names.index(chain.hidden_in.name)
-    begin, end = spans[gate]
-    g_inputs = [by_name[x] for x in g.input_names]
-    sources = trace_skip_paths(nodes[begin:end + 1], [x for x in g_inputs if x in chain.carried_in[0]],
+    hidden_in = g.input_names.index(chain.hidden_in.name) if chain.hidden_in.name in g.input_names else None
+    end = spans[gate][1]
+    sources = trace_skip_paths(nodes[blocks[0].first:end + 1], list(chain.carried_in[0]),
                                [by_name[x] for x in g.output_names])
     outs = [i for i, src in enumerate(sources) if src is chain.hidden_in]
     if not outs:
@@ -141,7 +149,8 @@ def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int, granula
     hidden_out = next((i for i in outs if by_name[g.output_names[i]] in handed_on), outs[0])
     values = {nd.name: example_value(nd) for nd in nodes}
     probe = _follow_hidden(segments, gate, g.output_names[hidden_out])
-    return SplitPlan(parent, segments, gate, hidden_in, hidden_out, values, unproven, probe)
+    return SplitPlan(parent, segments, gate, hidden_in, hidden_out, values, unproven, probe,
+                     gate_hidden_name=chain.hidden_in.name)
 
 
 def _follow_hidden(segments: list[Segment], gate: int, hidden: str) -> list[int]:

@@ -50,17 +50,19 @@ class FnGate:
     per step changes).
     """
 
-    def __init__(self, run: Callable, hidden_in: int, hidden_out: int, layout: GateLayout, call: _Call,
-                 strategy, read_timestep: Callable[[list], Optional[float]]):
+    def __init__(self, run: Callable, hidden_in: Optional[int], hidden_out: int, layout: GateLayout, call: _Call,
+                 strategy, read_timestep: Callable[[list], Optional[float]], hidden_value=None):
         self.run, self.hidden_in, self.hidden_out, self.layout = run, hidden_in, hidden_out, layout
         self.call, self.strategy = call, strategy
         self.read_timestep = read_timestep
+        # where the hidden states are made inside the segment (static shapes), what they look like
+        self.like = None if hidden_in is not None else _Like(hidden_value)
 
     def __call__(self, *args):
         call, strategy = self.call, self.strategy
         state = call.request
         guess = call.guess
-        extra, measurable = strategy.signal_inputs(guess, args[self.hidden_in])
+        extra, measurable = strategy.signal_inputs(guess, self.like or args[self.hidden_in])
         outs, residual, sums = self.layout.split(self.run(*args, *extra))
         t, read = None, None
         if state.needs_timestep(call.context) and call.timesteps:
@@ -81,6 +83,15 @@ class FnGate:
 
         strategy.decide(call, b, step, signals, residual)
         return tuple(outs)
+
+
+class _Like:
+    """Shape, dtype and device of a static tensor, for ``signal_inputs`` to compare with and
+    make zeros like (the hidden states entering block 0, made inside the gate's segment)."""
+    __slots__ = ("shape", "dtype", "device")
+
+    def __init__(self, value: torch.Tensor):
+        self.shape, self.dtype, self.device = torch.Size(value.shape), value.dtype, value.device
 
 
 def _read(values: list) -> list[float]:
@@ -200,7 +211,7 @@ class CachedGraph:
         for k, (seg, run) in enumerate(zip(plan.segments, pieces)):
             if k == plan.gate_segment:
                 mod = FnGate(run, plan.gate_hidden_in, plan.gate_hidden_out, gate_layout, self.call, strategy,
-                             self._choose_timestep)
+                             self._choose_timestep, plan.example_values.get(plan.gate_hidden_name))
             elif seg.kind == "mid":
                 calibrators, combine = regions.get(k, (None, None))
                 hidden = None
