@@ -82,3 +82,21 @@ def test_the_plan_adds_no_guard_on_symbolic_sizes():
         for side in (2, 12, 5):
             compiled(**flux_inputs(case, side, 1.0))
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_dynamic_graph_with_static_hidden_states_compiles_through_aot():
+    """dynamic=True at 4x4 = 16 tokens, as many as the latent has channels: dynamo's duck
+    sizing ties the token count to the weights' static 16, so the hidden states come out
+    static, while norm eps and RoPE theta still arrive as tensors read with ``.item()``
+    before block 0. The Fn segment must take those numbers as inputs: with the prologue
+    inside it, AOTAutograd failed on them (data-dependent) and dynamo fell back to eager."""
+    case = build("flux")
+    torch._dynamo.reset()
+    compiled = torch.compile(case.model, backend="cachec", dynamic=True, fullgraph=True,
+                             options={"inner_backend": "aot_eager", "strict": True, **OPTS})
+    got = denoise(compiled, case, 4)
+    s = cachec.summary(compiled)
+    want, computed = reference(case, s.blocks, 4)
+    assert s.segments[0][0] == "prologue" and s.computed_steps == computed and s.cached_steps
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)

@@ -114,8 +114,13 @@ def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int, granula
             unproven[blocks[b].name] = missing
     by_name = {nd.name: nd for nd in nodes}
     # the prologue runs in the gate's segment (one compiled call less per call) where the hidden
-    # states' shape is static: the gate then knows it without reading a segment input
-    merge = _static(example_value(chain.hidden_in))
+    # states' shape is static: the gate then knows it without reading a segment input. Not where
+    # the prologue reads a Python number back from a tensor (``dynamic=True`` hands norm eps and
+    # RoPE theta over as tensors read with ``.item()``): a segment handed the number as an input
+    # compiles it as a symbol, one that reads it inside cannot use it (data-dependent)
+    merge = _static(example_value(chain.hidden_in)) and not any(
+        isinstance(example_value(nd), (torch.SymInt, torch.SymFloat, torch.SymBool))
+        for nd in nodes[:blocks[0].first])
     while True:   # a run of proven blocks is proven too, unless glue between them breaks the path
         always = {b for b in range(n) if blocks[b].name in unproven}
         starts = _starts(chain, Fn, Bn, always, granularity == "block", merge)
