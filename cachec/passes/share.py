@@ -22,7 +22,8 @@ Rules:
 * A block whose structure occurs only once in the piece stays inline.
 * Blocks with symbolic sizes (``dynamic=True``) or non-tensor inputs are left
   inline: inductor's subgraph operands are tensors of fixed layout. So are blocks
-  with an in-place op, and the backend compiles a segment inline if compiling it
+  that write in place into a tensor made outside them (in-place writes into their
+  own tensors are fine), and the backend compiles a segment inline if compiling it
   outlined fails for any other reason (with a warning).
 
 The subgraph checks no input layout of its own (``no_subgraph_input_asserts``):
@@ -81,9 +82,8 @@ def _values_static(n: fx.Node) -> bool:
     return v is None or _static_tensor(v) or not isinstance(v, (torch.Tensor, torch.SymInt, torch.SymFloat))
 
 
-def _mutates(n: fx.Node) -> bool:
-    """An in-place op (``x.add_``, ``x[i] = y``, ``a += b``): AOTAutograd cannot carry a
-    mutation of a subgraph input out of ``invoke_subgraph``, so such blocks stay inline."""
+def _in_place(n: fx.Node) -> bool:
+    """An in-place op: ``x.add_``, ``x[i] = y``, ``a += b``, ``out=``."""
     if n.op == "call_method":
         return n.target.endswith("_") and not n.target.startswith("_")
     if n.op == "call_function":
@@ -94,18 +94,36 @@ def _mutates(n: fx.Node) -> bool:
     return False
 
 
+def _mutates_input(n: fx.Node, inside: set) -> bool:
+    """An in-place op on a tensor made outside the block, or on a view of one: AOTAutograd
+    cannot carry a mutation of a subgraph input out of ``invoke_subgraph``, so such blocks
+    stay inline. In-place writes into the block's own tensors (Wan's rotary embedding fills
+    ``out[..., 0::2]`` of a fresh tensor) are functionalized inside the subgraph."""
+    if not _in_place(n):
+        return False
+    target = n.kwargs["out"] if "out" in n.kwargs else (n.args[0] if n.args else None)
+    while isinstance(target, fx.Node) and target in inside and _is_view(target) and target.all_input_nodes:
+        target = target.all_input_nodes[0]   # a view's base is its first tensor argument
+    return not isinstance(target, fx.Node) or target not in inside
+
+
 def _outline_parts(run: list[fx.Node]):
     """(body, inputs, outputs) of one block, its trailing views left out; None when it
     cannot be outlined."""
     inside = set(run)
     tail: set[fx.Node] = set()
     for n in reversed(run):
-        if _is_view(n) and all(u not in inside or u in tail for u in n.users):
+        # a pure view read after the block; never an in-place op (its result is a view too,
+        # often unused): moved after the call it would write after the block read the tensor
+        if (_is_view(n) and n.users and not _in_place(n)
+                and all(u not in inside or u in tail for u in n.users)):
             tail.add(n)
     body = [n for n in run if n not in tail]
-    if not body or any(_mutates(n) for n in body):
+    if not body:
         return None
     inside = set(body)
+    if any(_mutates_input(n, inside) for n in body):
+        return None
     inputs = list(dict.fromkeys(a for n in body for a in n.all_input_nodes if a not in inside))
     outputs = [n for n in body if any(u not in inside for u in n.users)]
     if not outputs or not all(_static_tensor(example_value(a)) for a in inputs):
