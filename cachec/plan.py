@@ -57,16 +57,20 @@ class SplitPlan:
     parent: torch.fx.GraphModule
     segments: list[Segment]
     gate_segment: int          # index of the fn segment whose residual drives the gate
-    # its input index of the hidden states entering block 0, or None where they are made
-    # inside it (the prologue merged into the Fn segment: static shapes)
-    gate_hidden_in: Optional[int]
+    gate_hidden_name: str      # the node of the hidden states entering block 0 (its input, or inside it)
     gate_hidden_out: int       # its output index of the hidden states
     example_values: dict[str, object]   # original node name -> fake value
     unproven: dict[str, list[str]] = field(default_factory=dict)   # block -> outputs of unproven role
     # regions the probe reaches from the gate, in order: the middle segments whose hidden
     # input is the previous one's hidden output with nothing in between (per-block strategies)
     probe_regions: list[int] = field(default_factory=list)
-    gate_hidden_name: str = ""   # the node of the hidden states entering block 0 (input or inside)
+
+    @property
+    def gate_hidden_in(self) -> Optional[int]:
+        """The gate segment's input index of the hidden states entering block 0, or None
+        where they are made inside it (the prologue runs there: static shapes)."""
+        names = self.segments[self.gate_segment].input_names
+        return names.index(self.gate_hidden_name) if self.gate_hidden_name in names else None
 
     def submodule(self, seg: Segment) -> torch.fx.GraphModule:
         return getattr(self.parent, seg.module_name)

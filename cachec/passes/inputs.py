@@ -37,6 +37,12 @@ class GraphInputs:
         return input_name(self.placeholders[index])
 
 
+def static_tensor(value) -> bool:
+    """A tensor whose sizes and strides are plain ints (no SymInt: not ``dynamic=True``)."""
+    return isinstance(value, torch.Tensor) and not any(
+        isinstance(s, torch.SymInt) for s in (*value.shape, *value.stride()))
+
+
 def same_size(a, b) -> bool:
     """Two sizes, ints or SymInts, known equal without adding a guard."""
     try:

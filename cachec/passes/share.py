@@ -41,7 +41,7 @@ from typing import Iterator
 import torch
 import torch.fx as fx
 
-from .inputs import example_value
+from .inputs import example_value, static_tensor
 from .loops import outermost_item
 
 _COMPUTE = ("call_function", "call_method", "call_module")
@@ -71,26 +71,29 @@ def _is_view(n: fx.Node) -> bool:
     return False
 
 
-def _static_tensor(v) -> bool:
-    return isinstance(v, torch.Tensor) and not any(isinstance(s, torch.SymInt) for s in (*v.shape, *v.stride()))
-
-
 def _values_static(n: fx.Node) -> bool:
     v = example_value(n)
     if isinstance(v, (tuple, list)):
-        return all(_static_tensor(x) or not isinstance(x, (torch.Tensor, torch.SymInt)) for x in v)
-    return v is None or _static_tensor(v) or not isinstance(v, (torch.Tensor, torch.SymInt, torch.SymFloat))
+        return all(static_tensor(x) or not isinstance(x, (torch.Tensor, torch.SymInt)) for x in v)
+    return v is None or static_tensor(v) or not isinstance(v, (torch.Tensor, torch.SymInt, torch.SymFloat))
+
+
+_IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
+                       operator.ixor}
+
+
+def _trailing_underscore(name: str) -> bool:
+    return name.endswith("_") and not name.startswith("_")
 
 
 def _in_place(n: fx.Node) -> bool:
-    """An in-place op: ``x.add_``, ``x[i] = y``, ``a += b``, ``out=``."""
+    """An in-place op: ``x.add_``, ``torch.relu_(x)``, ``x[i] = y``, ``a += b``, ``out=``."""
     if n.op == "call_method":
-        return n.target.endswith("_") and not n.target.startswith("_")
+        return _trailing_underscore(n.target)
     if n.op == "call_function":
-        name = getattr(n.target, "__name__", "")
-        return n.target in (operator.setitem,) or name.startswith("i") and hasattr(operator, name) \
-            and name[1:] in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor") \
-            or name.endswith("_") and not name.startswith("_") or "out" in n.kwargs
+        return (n.target in _IN_PLACE_OPERATORS or "out" in n.kwargs
+                or _trailing_underscore(getattr(n.target, "__name__", "")))
     return False
 
 
@@ -126,11 +129,11 @@ def _outline_parts(run: list[fx.Node]):
         return None
     inputs = list(dict.fromkeys(a for n in body for a in n.all_input_nodes if a not in inside))
     outputs = [n for n in body if any(u not in inside for u in n.users)]
-    if not outputs or not all(_static_tensor(example_value(a)) for a in inputs):
+    if not outputs or not all(static_tensor(example_value(a)) for a in inputs):
         return None
     if any(_is_view(o) for o in outputs):   # a view the block itself reads: not one to hand out
         return None
-    if not all(_values_static(n) for n in body) or not all(_static_tensor(example_value(o)) for o in outputs):
+    if not all(_values_static(n) for n in body) or not all(static_tensor(example_value(o)) for o in outputs):
         return None
     return body, inputs, outputs
 
@@ -216,7 +219,7 @@ def no_subgraph_input_asserts() -> Iterator[None]:
         yield
         return
     name = "codegen_input_size_and_nan_asserts"
-    if name not in vars(Codegen) and not hasattr(Codegen, name):
+    if not hasattr(Codegen, name):
         yield
         return
     had = name in vars(Codegen)

@@ -9,7 +9,7 @@ from torch.fx.passes.split_module import split_module
 
 from ..plan import Segment, SplitPlan
 from .chain import BlockChain, NoBlockChain
-from .inputs import example_value, is_module_state
+from .inputs import example_value, is_module_state, static_tensor
 from .roles import same_layout, trace_skip_paths
 
 
@@ -51,10 +51,6 @@ def _starts(chain: BlockChain, Fn: int, Bn: int, always: set[int],
         starts.append((0 if not starts else _begin(chain, s), kind, [b.name for b in blocks[s:e + 1]]))
     starts.append((blocks[-1].last + 1, "epilogue", []))
     return starts
-
-
-def _static(value) -> bool:
-    return isinstance(value, torch.Tensor) and not any(isinstance(d, torch.SymInt) for d in value.shape)
 
 
 def _carried(used: list[fx.Node], since: int, pos: dict) -> list[fx.Node]:
@@ -118,7 +114,7 @@ def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int, granula
     # the prologue reads a Python number back from a tensor (``dynamic=True`` hands norm eps and
     # RoPE theta over as tensors read with ``.item()``): a segment handed the number as an input
     # compiles it as a symbol, one that reads it inside cannot use it (data-dependent)
-    merge = _static(example_value(chain.hidden_in)) and not any(
+    merge = static_tensor(example_value(chain.hidden_in)) and not any(
         isinstance(example_value(nd), (torch.SymInt, torch.SymFloat, torch.SymBool))
         for nd in nodes[:blocks[0].first])
     while True:   # a run of proven blocks is proven too, unless glue between them breaks the path
@@ -142,7 +138,6 @@ def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int, granula
             break
     gate = next(i for i, s in enumerate(segments) if s.kind == "fn")
     g = segments[gate]
-    hidden_in = g.input_names.index(chain.hidden_in.name) if chain.hidden_in.name in g.input_names else None
     end = spans[gate][1]
     sources = trace_skip_paths(nodes[blocks[0].first:end + 1], list(chain.carried_in[0]),
                                [by_name[x] for x in g.output_names])
@@ -154,8 +149,7 @@ def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int, granula
     hidden_out = next((i for i in outs if by_name[g.output_names[i]] in handed_on), outs[0])
     values = {nd.name: example_value(nd) for nd in nodes}
     probe = _follow_hidden(segments, gate, g.output_names[hidden_out])
-    return SplitPlan(parent, segments, gate, hidden_in, hidden_out, values, unproven, probe,
-                     gate_hidden_name=chain.hidden_in.name)
+    return SplitPlan(parent, segments, gate, chain.hidden_in.name, hidden_out, values, unproven, probe)
 
 
 def _follow_hidden(segments: list[Segment], gate: int, hidden: str) -> list[int]:
