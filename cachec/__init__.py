@@ -5,12 +5,13 @@
     print(cachec.summary(pipe.transformer))
 """
 from .backend import CachecWarning, cachec_backend, refresh, release, request, summary
-from .compile_configs import set_compile_configs
-from .options import (BackendOptions, DBCacheConfig, DBPruneConfig, FoCaCalibratorConfig, TaylorSeerCalibratorConfig,
-                      parse_options, steps_mask)
+from .compile_configs import is_enabled, set_compile_configs, set_enabled
+from .options import (BackendOptions, DBCacheConfig, DBPruneConfig, FlexCacheConfig, FoCaCalibratorConfig,
+                      TaylorSeerCalibratorConfig, TeaCacheConfig, parse_options, steps_mask)
 from .runtime.summary import CacheSummary
 
-__all__ = ["cachec_backend", "summary", "refresh", "request", "release", "set_compile_configs", "DBCacheConfig", "DBPruneConfig", "TaylorSeerCalibratorConfig",
+__all__ = ["cachec_backend", "summary", "refresh", "request", "release", "set_compile_configs", "set_enabled",
+           "is_enabled", "DBCacheConfig", "DBPruneConfig", "TeaCacheConfig", "FlexCacheConfig", "TaylorSeerCalibratorConfig",
            "FoCaCalibratorConfig", "BackendOptions", "parse_options",
            "steps_mask", "CacheSummary", "CachecWarning"]
 __version__ = "0.1.0"

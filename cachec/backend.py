@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch._dynamo.backends.registry import lookup_backend
 from torch._guards import TracingContext, detect_fake_mode, tracing
 
-from .compile_configs import set_compile_configs, watch_recompile_limit
+from .compile_configs import is_enabled, log_disabled_once, set_compile_configs, watch_recompile_limit
 from .options import BackendOptions, parse_options
 from .passes import NoBlockChain, find_graph_inputs, plan_graph
 from .passes.calibrate import combination_graph
@@ -163,7 +163,7 @@ def _gate_graph(compile_graph: Callable, plan: SplitPlan, strategy, fake_mode) -
     seg = plan.segments[plan.gate_segment]
     gm = fuse_gate_signals(plan.submodule(seg), plan.gate_hidden_name, plan.gate_hidden_out, strategy.signal,
                            len(plan.probe_regions))
-    if strategy.signal == "residual":   # the gate hands it contiguous residuals
+    if strategy.signal != "probe":   # the gate hands it a contiguous residual (modulated input)
         extra = [_fake_like(plan.example_values[plan.gate_hidden_name], fake_mode, True)]
     else:                               # stored inputs and residuals, contiguous, per probed block
         extra = []
@@ -171,7 +171,7 @@ def _gate_graph(compile_graph: Callable, plan: SplitPlan, strategy, fake_mode) -
             r = plan.segments[k]
             hidden = _fake_like(plan.example_values[r.input_names[r.hidden_in]], fake_mode, True)
             extra += [hidden, hidden]
-    layout = GateLayout(len(seg.output_names), strategy.signal == "residual")
+    layout = GateLayout(len(seg.output_names), strategy.signal != "probe")
     return compile_graph(gm, plan.example_inputs(seg) + extra), layout
 
 
@@ -282,12 +282,25 @@ def _report_unproven(unproven: dict[str, list[str]], strict: bool, state: ModelS
         warnings.warn(msg, CachecWarning, stacklevel=2)
 
 
+def _plain_compile(opts: BackendOptions, gm: fx.GraphModule, example_inputs: list) -> Callable:
+    """``gm`` compiled with the inner backend alone (its inductor options applied)."""
+    if opts.inner_backend == "eager":
+        return forward_of(gm)
+    extra = {"config_patches": dict(opts.inductor)} if opts.inductor else {}
+    return lookup_backend(opts.inner_backend)(gm, example_inputs, **extra)
+
+
 def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optional[dict] = None) -> Callable:
     """Dynamo backend: rewrite the block chain of ``gm`` into a cached graph."""
     opts = parse_options(options)
     if opts.recompile_limits:
         set_compile_configs(**{k: opts.recompile_limits.get(k) for k in ("recompile_limit",
                                                                            "accumulated_recompile_limit")})
+    if opts.cache_config is None:     # {"flexcache": None}: caching off for this model
+        return _plain_compile(opts, gm, example_inputs)
+    if not is_enabled():              # CACHEC_ENABLE=0 / cachec.set_enabled(False): off for the process
+        log_disabled_once()
+        return _plain_compile(opts, gm, example_inputs)
     _specialize_float_inputs(gm)
     module = _traced_module()
     state = _model_state(opts, module)
@@ -297,20 +310,22 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
         state.graph_breaks.append(brk)
     strategy = strategy_for(cfg)
     try:
-        inputs, chain, plan = plan_graph(gm, cfg.Fn_compute_blocks, cfg.Bn_compute_blocks, strategy.granularity)
+        inputs, chain, plan, (measured, fallback) = plan_graph(gm, cfg.Fn_compute_blocks, cfg.Bn_compute_blocks,
+                                                   strategy.granularity, strategy.signal)
         _check_whole(chain, module)
     except NoBlockChain as why:
         if opts.strict:
             raise ValueError(f"cachec: no cacheable block chain in this graph ({why}) (strict=True)") from None
-        if opts.inner_backend == "eager":
-            plain = forward_of(gm)
-        else:
-            extra = {"config_patches": dict(opts.inductor)} if opts.inductor else {}
-            plain = lookup_backend(opts.inner_backend)(gm, example_inputs, **extra)
-        return _plain_graph(plain, gm, state, str(why), opts.inner_backend)
+        return _plain_graph(_plain_compile(opts, gm, example_inputs), gm, state, str(why), opts.inner_backend)
     if plan.unproven:
         _report_unproven(plan.unproven, opts.strict, state)
+    if fallback and "gate input" not in state.warned:
+        state.warned.add("gate input")
+        warnings.warn(f"cachec: {cfg.cache_type} gates on the first block's timestep-modulated input, but this "
+                      f"graph has {fallback}: it measures the hidden states entering the first block instead",
+                      CachecWarning, stacklevel=2)
     state.chain_info = {
+        "gate_input": measured,
         "blocks": chain.names,
         "segments": [(s.kind, list(s.blocks)) for s in plan.segments],
         "unpaired": plan.unpaired(),
@@ -333,7 +348,7 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
     state.chain_info["shared"] = tuple(shared)
     calibrator = cfg.calibrator()
     regions = _region_calibrators(compile_graph, plan, calibrator, fake_mode) if calibrator is not None else {}
-    handler = strategy(cfg, plan, chain.names)
+    handler = strategy(cfg, plan, chain.names, model=type(module).__name__ if module is not None else "")
     timesteps = {i: inputs.name(i) for i in inputs.timestep_candidates}
     return CachedGraph(plan, pieces, layout, handler, regions, state, timesteps, inputs.user_inputs)
 

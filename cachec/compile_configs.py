@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["set_compile_configs", "SERVING_LIMITS", "watch_recompile_limit"]
+__all__ = ["set_compile_configs", "SERVING_LIMITS", "watch_recompile_limit", "set_enabled", "is_enabled"]
 
 # per frame: 2 compiles (static, then dynamic) x 2 CFG batch sizes x up to 16 adapter or mode
 # states; over all frames: the transformer's forward and its graph-break resumes, the VAE, ...
@@ -99,3 +99,43 @@ def watch_recompile_limit(state, module: torch.nn.Module, category: type) -> Non
     if any(isinstance(f, _RecompileLimitWatch) and f.state() is state for f in logger.filters):
         return
     logger.addFilter(_RecompileLimitWatch(state, _code_names(type(module).forward), type(module).__name__, category))
+
+
+# The process-wide switch (FlexCache's global disable): with it off, every cachec compile is a
+# plain compile with the inner backend. The one piece of process state cachec keeps, on purpose:
+# an operator turns caching off for a whole server without touching its code.
+ENABLE_ENV = "CACHEC_ENABLE"
+_switch = {"enabled": None, "logged": False}   # None: read the environment variable
+_log = logging.getLogger("cachec")
+
+
+def set_enabled(enabled: Optional[bool]) -> None:
+    """Turn caching on or off for every model this process compiles from now on (models already
+    compiled keep what they were compiled with). ``None`` goes back to the environment variable
+    ``CACHEC_ENABLE`` (``0``, ``false``, ``off`` or ``no`` turn caching off)."""
+    if enabled is not None and not isinstance(enabled, bool):
+        raise ValueError(f"set_enabled({enabled!r}) is invalid: expected True, False or None (the environment "
+                         f"variable {ENABLE_ENV} decides)")
+    _switch["enabled"] = enabled
+
+
+def is_enabled() -> bool:
+    """Whether cachec caches: ``set_enabled``'s value, else ``CACHEC_ENABLE`` (default on)."""
+    if _switch["enabled"] is not None:
+        return _switch["enabled"]
+    import os
+    value = os.environ.get(ENABLE_ENV, "1").strip().lower()
+    if value in ("0", "false", "off", "no"):
+        return False
+    if value not in ("1", "true", "on", "yes", ""):
+        raise ValueError(f"{ENABLE_ENV}={value!r} is invalid: expected 0/1 (or false/true, off/on, no/yes)")
+    return True
+
+
+def log_disabled_once() -> None:
+    """Say once per process, in the log, that the switch turned caching off."""
+    if not _switch["logged"]:
+        _switch["logged"] = True
+        how = "cachec.set_enabled(False)" if _switch["enabled"] is False else f"{ENABLE_ENV}=0"
+        _log.warning("cachec: caching is off for this process (%s): every backend='cachec' compile is a plain "
+                     "compile with its inner backend", how)

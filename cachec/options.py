@@ -23,8 +23,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-__all__ = ["DBCacheConfig", "DBPruneConfig", "TaylorSeerCalibratorConfig", "FoCaCalibratorConfig",
-           "BackendOptions", "parse_options", "steps_mask", "INNER_BACKENDS"]
+__all__ = ["DBCacheConfig", "DBPruneConfig", "TeaCacheConfig", "FlexCacheConfig", "TaylorSeerCalibratorConfig",
+           "FoCaCalibratorConfig", "BackendOptions", "parse_options", "steps_mask", "INNER_BACKENDS"]
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 
@@ -33,7 +33,7 @@ from .scm import steps_mask  # noqa: E402  (re-exported: cachec.steps_mask)
 # Keys that belong to strategies which have not landed yet. They are part of the
 # vocabulary we accept, so they get a clear "not supported yet" instead of a
 # did-you-mean.
-_PLANNED_KEYS = ("strategy", "cache_ratio", "warmup", "cooldown")
+_PLANNED_KEYS: tuple = ()
 
 
 def _is_int(v: Any) -> bool:
@@ -313,7 +313,181 @@ class DBPruneConfig(DBCacheConfig):
 
 _PRUNE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DBPruneConfig)}
 PRUNE_KEYS = tuple(k for k in _PRUNE_DEFAULTS if k not in _FIELD_DEFAULTS)
-CACHE_TYPES = {"dbcache": DBCacheConfig, "dbprune": DBPruneConfig}
+CACHE_TYPES: dict = {"dbcache": DBCacheConfig, "dbprune": DBPruneConfig}   # TeaCache joins below
+
+
+# ------------------------------------------------------------------------------------- FlexCache
+
+FLEX_STRATEGIES = ("dbcache", "teacache", "pab", "ditango")
+FLEX_LANDED = ("dbcache", "teacache")   # the strategies this version runs; the rest raise "not supported yet"
+# TeaCache's threshold on the accumulated rescaled change, from cache_ratio c: 0.08 + c * (0.35 - 0.08)
+TEACACHE_RANGE = (0.08, 0.35)
+# The rescale polynomials TeaCache's authors published (highest power first, numpy.poly1d order),
+# by the class of the model they fitted them on; any other model gets the identity
+TEACACHE_COEFFICIENTS = {
+    "FluxTransformer2DModel": (4.98651651e+02, -2.83781631e+02, 5.58554382e+01, -3.82021401e+00, 2.64230861e-01),
+}
+# cache_ratio c on DBCache: threshold 0.08 + c * (0.35 - 0.08) on the F1B0 residual's change,
+# and at most 1 + round(4c) cached steps in a row
+FLEX_DBCACHE_RANGE = (0.08, 0.35)
+
+
+def _ratio(name, v):
+    if not _is_number(v) or not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name}={v!r} is invalid: cache_ratio must be in [0, 1] "
+                         f"(0.0 quality first, 1.0 speed first)")
+
+
+def _flex_strategy(name, v):
+    if not isinstance(v, str) or v.lower() not in FLEX_STRATEGIES:
+        raise ValueError(f"{name}={v!r} is invalid: expected one of {FLEX_STRATEGIES} (case-insensitive)")
+
+
+def _opt_coefficients(name, v):
+    if v is None:
+        return
+    if not isinstance(v, (list, tuple)) or not v or any(not _is_number(c) for c in v):
+        raise ValueError(f"{name}={v!r} is invalid: expected None (the model's published polynomial, else the "
+                         f"identity) or a non-empty list of finite numbers, highest power first (numpy.poly1d)")
+
+
+def _opt_dir(name, v):
+    if v is not None and not isinstance(v, str):
+        raise ValueError(f"{name}={v!r} is invalid: expected None or a directory path (str)")
+
+
+def _check_steps(warmup: int, cooldown: int, n: Optional[int], where: str = "") -> None:
+    """FlexCache's rule: the warmup and cooldown steps leave at least one step to cache."""
+    if n is not None and warmup + cooldown >= n:
+        raise ValueError(f"warmup={warmup} + cooldown={cooldown} must be < num_inference_steps={n}{where}: "
+                         f"warmup + cooldown < num_inference_steps (every step would compute)")
+
+
+@dataclass(frozen=True)
+class FlexDBCacheConfig(DBCacheConfig):
+    """DBCache as FlexCache's ``strategy="dbcache"`` resolves it: with ``cooldown`` last steps
+    that always compute. Build it with ``cachec.FlexCacheConfig(strategy="dbcache", ...)``."""
+
+    cooldown: int = _opt(0, _int_at_least(0), "last steps of a generation that always compute")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_steps(self.max_warmup_steps, self.cooldown, self.num_inference_steps)
+
+    def short_name(self) -> str:
+        return super().short_name() + (f"_C{self.cooldown}" if self.cooldown else "")
+
+
+@dataclass(frozen=True)
+class TeaCacheConfig(DBCacheConfig):
+    """TeaCache (Liu et al., "Timestep Embedding Tells"): skip the whole block chain while the
+    accumulated, rescaled relative L1 change of the first block's timestep-modulated input
+    (its adaptive norm's output) stays under the threshold; compute, and start the sum
+    again, once it reaches it.
+
+    No block runs before the gate (``Fn_compute_blocks`` is 0); the DBCache keys that bound
+    caching (``max_cached_steps``, ``max_continuous_cached_steps``, warmup) keep their meaning.
+    ``cachec.FlexCacheConfig(strategy="teacache", cache_ratio=c)`` sets the threshold from c.
+    """
+
+    Fn_compute_blocks: int = _opt(0, _int_at_least(0), "TeaCache gates before the first block: 0")
+    residual_diff_threshold: float = _opt(
+        0.08 + 0.25 * (0.35 - 0.08), _float_at_least(0.0, " (0 never caches, >= 1 caches every step after warmup)"),
+        "cache while the accumulated rescaled change of the modulated input stays below this")
+    max_warmup_steps: int = _opt(1, _int_at_least(0), "steps at the start of a generation that always compute")
+    max_continuous_cached_steps: int = _opt(-1, _int_at_least(-1, " (-1 = unlimited)"), "cached steps allowed in a row")
+    cooldown: int = _opt(1, _int_at_least(0), "last steps of a generation that always compute")
+    teacache_coefficients: Optional[tuple] = _opt(
+        None, _opt_coefficients, "rescale polynomial of the relative L1 change, highest power first; None: the "
+        "model's published one (FLUX), else the identity")
+
+    cache_type = "TeaCache"
+
+    def __post_init__(self):
+        if isinstance(self.teacache_coefficients, list):
+            object.__setattr__(self, "teacache_coefficients", tuple(self.teacache_coefficients))
+        super().__post_init__()
+        if self.Fn_compute_blocks != 0:
+            raise ValueError(f"Fn_compute_blocks={self.Fn_compute_blocks} is invalid for TeaCache: it gates "
+                             f"before the first block and skips the whole chain; use 0 (or DBCache for Fn >= 1)")
+        _check_steps(self.max_warmup_steps, self.cooldown, self.num_inference_steps)
+        if self.max_accumulated_residual_diff_threshold is not None:
+            raise ValueError(f"max_accumulated_residual_diff_threshold={self.max_accumulated_residual_diff_threshold!r}"
+                             f" does not apply to TeaCache: its accumulated change is the signal itself, and "
+                             f"residual_diff_threshold bounds it")
+
+    def short_name(self) -> str:
+        return (f"TeaCache_B{self.Bn_compute_blocks}W{self.max_warmup_steps}C{self.cooldown}"
+                f"_R{self.residual_diff_threshold:.4g}")
+
+    def rescale(self, model: str = "") -> tuple:
+        """The polynomial in effect for a model of class ``model`` (highest power first)."""
+        if self.teacache_coefficients is not None:
+            return self.teacache_coefficients
+        return TEACACHE_COEFFICIENTS.get(model, (1.0, 0.0))
+
+
+@dataclass(frozen=True)
+class FlexCacheConfig:
+    """Smart-Diffusion's FlexCache API: one knob for every strategy.
+
+    ``cache_ratio`` runs from 0.0 (quality first) to 1.0 (speed first); the first
+    ``warmup`` and the last ``cooldown`` steps of a generation always compute.
+    ``strategy`` (case-insensitive) picks what is reused:
+
+    * ``"teacache"``: the whole block chain, while the accumulated rescaled change of the
+      first block's modulated input stays under ``0.08 + c * (0.35 - 0.08)``;
+    * ``"dbcache"``: the blocks after the first (F1B0), while the first block's residual
+      changes less than ``0.08 + c * (0.35 - 0.08)``, at most ``1 + round(4c)`` steps in a row;
+    * ``"pab"`` and ``"ditango"``: attention outputs; not in this version yet.
+
+    ``resolve()`` gives the strategy config the runtime runs (``TeaCacheConfig``, ...).
+    """
+
+    strategy: str = _opt("teacache", _flex_strategy, f"one of {FLEX_STRATEGIES}, case-insensitive")
+    cache_ratio: float = _opt(0.25, _ratio, "0.0 quality first ... 1.0 speed first")
+    warmup: int = _opt(1, _int_at_least(0), "first steps of a generation that always compute")
+    cooldown: int = _opt(1, _int_at_least(0), "last steps of a generation that always compute")
+    num_inference_steps: Optional[int] = _opt(None, _opt_int_at_least(1), "steps per generation, if known")
+    teacache_coefficients: Optional[tuple] = _opt(
+        None, _opt_coefficients, "TeaCache: rescale polynomial (None: the model's published one, else identity)")
+    output_dir: Optional[str] = _opt(None, _opt_dir, "DiTango: where its decision map is written")
+
+    def __post_init__(self):
+        _calibrator_check(self)
+        object.__setattr__(self, "strategy", self.strategy.lower())
+        if isinstance(self.teacache_coefficients, list):
+            object.__setattr__(self, "teacache_coefficients", tuple(self.teacache_coefficients))
+        if self.strategy not in FLEX_LANDED:
+            raise ValueError(f"strategy={self.strategy!r} is not supported yet by this version of cachec "
+                             f"(supported: {FLEX_LANDED})")
+        _check_steps(self.warmup, self.cooldown, self.num_inference_steps)
+        if self.teacache_coefficients is not None and self.strategy != "teacache":
+            raise ValueError(f"teacache_coefficients={self.teacache_coefficients!r} needs strategy='teacache' "
+                             f"(it is {self.strategy!r})")
+        if self.output_dir is not None and self.strategy != "ditango":
+            raise ValueError(f"output_dir={self.output_dir!r} needs strategy='ditango' (it is {self.strategy!r})")
+
+    def resolve(self) -> DBCacheConfig:
+        """The strategy config this knob setting stands for."""
+        c = self.cache_ratio
+        if self.strategy == "teacache":
+            lo, hi = TEACACHE_RANGE
+            return TeaCacheConfig(residual_diff_threshold=round(lo + c * (hi - lo), 6), max_warmup_steps=self.warmup,
+                                  cooldown=self.cooldown, num_inference_steps=self.num_inference_steps,
+                                  teacache_coefficients=self.teacache_coefficients)
+        lo, hi = FLEX_DBCACHE_RANGE
+        return FlexDBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=round(lo + c * (hi - lo), 6),
+                                 max_warmup_steps=self.warmup, max_continuous_cached_steps=1 + round(4 * c),
+                                 cooldown=self.cooldown, num_inference_steps=self.num_inference_steps)
+
+
+FLEX_KEYS = tuple(f.name for f in dataclasses.fields(FlexCacheConfig))
+FLEX_ONLY_KEYS = tuple(k for k in FLEX_KEYS if k != "num_inference_steps")
+# ``{"flexcache": "teacache"}``: FlexCache's legacy spelling, a strategy name with the defaults above
+LEGACY_FLEX_KEY = "flexcache"
+CACHE_TYPES["teacache"] = TeaCacheConfig
+TEA_KEYS = ("cooldown", "teacache_coefficients")   # TeaCacheConfig's keys beyond DBCache's (cache_type="TeaCache")
 
 
 def _calibrator_check(self) -> None:
@@ -380,7 +554,9 @@ def calibrator_from(value: Any):
 class BackendOptions:
     """Everything the backend needs: how to compile, and the cache schedule."""
 
-    cache_config: DBCacheConfig = field(default_factory=DBCacheConfig)
+    # the strategy config; a cachec.FlexCacheConfig resolves to one (``flex`` keeps it); None:
+    # caching is off ({"flexcache": None}), the model compiles plainly with the inner backend
+    cache_config: Optional[DBCacheConfig] = field(default_factory=DBCacheConfig)
     inner_backend: str = "inductor"
     strict: bool = False
     # inductor config patches (torch._inductor.config names) applied to every compiled segment
@@ -389,11 +565,16 @@ class BackendOptions:
     recompile_limits: Mapping[str, int] = field(default_factory=dict)
     # inductor: blocks of equal structure in one compiled piece compile once (passes.share)
     share_blocks: bool = True
+    flex: Optional[FlexCacheConfig] = None
 
     def __post_init__(self):
-        if not isinstance(self.cache_config, DBCacheConfig):
+        if isinstance(self.cache_config, FlexCacheConfig):
+            object.__setattr__(self, "flex", self.cache_config)
+            object.__setattr__(self, "cache_config", self.cache_config.resolve())
+        if self.cache_config is not None and not isinstance(self.cache_config, DBCacheConfig):
             raise ValueError(f"cache_config={self.cache_config!r} is invalid: expected a cachec.DBCacheConfig, "
-                             f"a cachec.DBPruneConfig or a dict of their fields")
+                             f"a cachec.DBPruneConfig, a cachec.TeaCacheConfig, a cachec.FlexCacheConfig "
+                             f"or a dict of their fields")
         if self.inner_backend not in INNER_BACKENDS:
             raise ValueError(f"inner_backend={self.inner_backend!r} is invalid: expected one of {INNER_BACKENDS}")
         _bool("strict", self.strict)
@@ -471,13 +652,14 @@ def _strategy_config(fields: Mapping) -> DBCacheConfig:
     return cls(**fields)
 
 
-def _cache_config_from(value: Any) -> DBCacheConfig:
-    if isinstance(value, DBCacheConfig):
+def _cache_config_from(value: Any) -> "DBCacheConfig | FlexCacheConfig":
+    if isinstance(value, (DBCacheConfig, FlexCacheConfig)):
         return value
     if isinstance(value, Mapping):
         return _strategy_config(value)
     raise ValueError(f"cache_config={value!r} is invalid: expected a cachec.DBCacheConfig, a "
-                     f"cachec.DBPruneConfig or a dict of their fields")
+                     f"cachec.DBPruneConfig, a cachec.TeaCacheConfig, a cachec.FlexCacheConfig or a dict of "
+                     f"their fields")
 
 
 def parse_options(options: Optional[Mapping[str, Any]]) -> BackendOptions:
@@ -493,18 +675,29 @@ def parse_options(options: Optional[Mapping[str, Any]]) -> BackendOptions:
         return BackendOptions()
     if not isinstance(options, Mapping):
         raise ValueError(f"options={options!r} is invalid: expected a dict")
-    known = BACKEND_KEYS + LIMIT_KEYS + CACHE_KEYS + ("cache_type",)
-    backend_kw, flat, limits = {}, {}, {}
+    known = BACKEND_KEYS + LIMIT_KEYS + CACHE_KEYS + ("cache_type", LEGACY_FLEX_KEY) + FLEX_ONLY_KEYS
+    backend_kw, flat, flex, limits = {}, {}, {}, {}
     for k, v in options.items():
         if k in BACKEND_KEYS:
             backend_kw[k] = v
         elif k in LIMIT_KEYS:
             limits[k] = v
-        elif k in known or k in PRUNE_KEYS:
+        elif k in FLEX_ONLY_KEYS or k == LEGACY_FLEX_KEY:
+            flex[k] = v
+        elif k in known or k in PRUNE_KEYS or k in TEA_KEYS:
             flat[k] = v
         else:
             raise _unknown_key(k, known)
-    if "cache_config" in backend_kw:
+    if "cache_type" in flat:   # a strategy config spelled flat: TeaCache's own keys belong to it
+        flat.update({k: flex.pop(k) for k in TEA_KEYS if k in flex})
+    if flex:
+        given = [k for k in ("cache_config",) if k in backend_kw] + sorted(k for k in flat if k != "num_inference_steps")
+        if given:
+            raise ValueError(f"options {given} contradict the FlexCache options {sorted(flex)}: FlexCache's "
+                             f"one knob (strategy, cache_ratio, warmup, cooldown) sets the schedule itself; give "
+                             f"either those or the DBCache keys")
+        backend_kw["cache_config"] = _flex_config(flex, flat.get("num_inference_steps"))
+    elif "cache_config" in backend_kw:
         if flat:
             raise ValueError(
                 f"options {sorted(flat)} contradict 'cache_config': give the cache settings either "
@@ -513,3 +706,29 @@ def parse_options(options: Optional[Mapping[str, Any]]) -> BackendOptions:
     else:
         backend_kw["cache_config"] = _strategy_config(flat)
     return BackendOptions(**backend_kw, recompile_limits=limits)
+
+
+def _flex_config(flex: Mapping, num_inference_steps: Optional[int]) -> Optional[FlexCacheConfig]:
+    """The FlexCache options as a config; None where ``{"flexcache": None}`` turns caching off."""
+    flex = dict(flex)
+    if LEGACY_FLEX_KEY in flex:
+        legacy = flex.pop(LEGACY_FLEX_KEY)
+        if legacy is None:
+            if flex:
+                raise ValueError(f"flexcache=None turns caching off, but {sorted(flex)} are given too")
+            return None
+        if isinstance(legacy, FlexCacheConfig):
+            if flex or num_inference_steps is not None:
+                raise ValueError(f"flexcache={legacy!r} is a whole config: give {sorted(flex) or ['num_inference_steps']} "
+                                 f"inside it")
+            return legacy
+        if "strategy" in flex:
+            raise ValueError(f"flexcache={legacy!r} and strategy={flex['strategy']!r} are both given: they are "
+                             f"two names for one setting, give one")
+        if not isinstance(legacy, str):
+            raise ValueError(f"flexcache={legacy!r} is invalid: expected a strategy name in {FLEX_STRATEGIES}, "
+                             f"None (caching off) or a cachec.FlexCacheConfig")
+        flex["strategy"] = legacy
+    if num_inference_steps is not None:
+        flex["num_inference_steps"] = num_inference_steps
+    return FlexCacheConfig(**flex)

@@ -58,7 +58,7 @@ class SplitPlan:
     segments: list[Segment]
     gate_segment: int          # index of the fn segment whose residual drives the gate
     gate_hidden_name: str      # the node of the hidden states entering block 0 (its input, or inside it)
-    gate_hidden_out: int       # its output index of the hidden states
+    gate_hidden_out: Optional[int]   # its output index of the hidden states (None: Fn = 0 and a graph input)
     example_values: dict[str, object]   # original node name -> fake value
     unproven: dict[str, list[str]] = field(default_factory=dict)   # block -> outputs of unproven role
     # regions the probe reaches from the gate, in order: the middle segments whose hidden

@@ -71,8 +71,8 @@ def test_misspelled_keys_get_a_did_you_mean(key, junk):
 def test_unknown_and_planned_keys():
     with pytest.raises(ValueError, match=r"unknown option 'zzz' \(allowed:"):
         parse_options({"zzz": 1})
-    with pytest.raises(ValueError, match="'cache_ratio' is not supported yet"):
-        parse_options({"cache_ratio": 0.5})
+    with pytest.raises(ValueError, match="strategy='pab' is not supported yet.*'dbcache', 'teacache'"):
+        parse_options({"strategy": "PAB"})
     with pytest.raises(ValueError, match=r"inner_backend='tvm'.*\('inductor', 'aot_eager', 'eager'\)"):
         parse_options({"inner_backend": "tvm"})
 

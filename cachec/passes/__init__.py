@@ -21,6 +21,7 @@ from .chain import BlockChain, find_block_chain, NoBlockChain
 from ..plan import Segment, SplitPlan
 from .split import split_chain
 from .residuals import fuse_gate_signals, fuse_residuals
+from .modulated import copy_before_chain, find_modulated_input
 
 __all__ = [
     "GraphInputs", "find_graph_inputs", "Block", "BlockLoop", "find_block_loops",
@@ -29,12 +30,36 @@ __all__ = [
 ]
 
 
-def plan_graph(gm, Fn: int, Bn: int, granularity: str = "stretch"):
+def plan_graph(gm, Fn: int, Bn: int, granularity: str = "stretch", signal: str = "residual"):
     """Run the passes in order; raise ``NoBlockChain`` when the graph has no chain.
 
     ``granularity`` is what the strategy gates: "stretch" (the middle in as few
-    regions as the chain allows) or "block" (one region per middle block)."""
+    regions as the chain allows) or "block" (one region per middle block).
+    ``signal="modulated"`` (TeaCache) first copies block 0's modulated input in front
+    of the chain (``passes.modulated``), where the gate measures it; where the graph
+    has none, the gate measures the hidden states entering block 0 and the returned
+    ``fallback`` says why. Returns ``(inputs, chain, plan, (measured, fallback))``,
+    ``measured`` naming the node the gate measures (TeaCache only)."""
     inputs = find_graph_inputs(gm)
     loops = find_block_loops(gm)
     chain = find_block_chain(gm, loops, inputs)
-    return inputs, chain, split_chain(gm, chain, Fn, Bn, granularity)
+    gate_node, fallback, measured = None, None, None
+    if signal == "modulated":
+        node = find_modulated_input(gm, chain, inputs)
+        if node is None:
+            fallback = ("no adaptive norm output in the first block (a normalized hidden state scaled or "
+                        "shifted by a timestep-only value)" if inputs.timestep_candidates
+                        else "the timestep is not an input of the graph that holds the blocks")
+        else:
+            try:
+                gate_node = copy_before_chain(gm, chain, node)
+            except ValueError as e:
+                fallback = f"its modulated input {node.name} cannot be computed before the chain ({e})"
+            else:   # the copies shifted the blocks' positions
+                measured = f"{chain.blocks[0].name}'s {node.name}"
+                chain = find_block_chain(gm, find_block_loops(gm), inputs)
+        if fallback:
+            measured = f"the hidden states entering {chain.blocks[0].name} ({chain.hidden_in.name})"
+            gate_node = copy_before_chain(gm, chain, chain.hidden_in)
+            chain = find_block_chain(gm, find_block_loops(gm), inputs)
+    return inputs, chain, split_chain(gm, chain, Fn, Bn, granularity, gate_node), (measured, fallback)

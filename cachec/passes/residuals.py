@@ -48,6 +48,10 @@ def fuse_residuals(mid: fx.GraphModule, residual_of: list) -> fx.GraphModule:
     return fx.GraphModule(mid, graph)
 
 
+def _snapshot(x: torch.Tensor) -> torch.Tensor:
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 def fuse_gate_signals(fn: fx.GraphModule, hidden_in: str, hidden_out: int, signal: str,
                       probes: int = 0) -> fx.GraphModule:
     """A copy of the Fn segment with the gate's signals fused in (``plan.GateLayout``).
@@ -63,16 +67,22 @@ def fuse_gate_signals(fn: fx.GraphModule, hidden_in: str, hidden_out: int, signa
     ``signal="probe"`` (per-block strategies): takes ``stored_i, residual_i`` for
     ``probes`` blocks; returns its outputs and ``plan.probe_sums`` of the hidden
     output along them, one row per block.
+
+    ``signal="modulated"`` (TeaCache): ``hidden_in`` names the node measured (block 0's
+    modulated input, copied into the segment); takes its value at the previous call,
+    returns the outputs, a contiguous copy of this call's value in the residual's place,
+    and ``[[sum|prev - value|, sum|prev|]]``.
     """
-    if signal not in ("residual", "probe"):
-        raise ValueError(f"signal={signal!r}: expected 'residual' or 'probe'")
+    if signal not in ("residual", "probe", "modulated"):
+        raise ValueError(f"signal={signal!r}: expected 'residual', 'probe' or 'modulated'")
     gm = fx.GraphModule(fn, copy.deepcopy(fn.graph))
     graph, out_node = gm.graph, _output(gm.graph)
     outs = tuple(out_node.args[0])
-    if signal == "residual":
+    if signal in ("residual", "modulated"):
         start = next(n for n in graph.nodes if n.name == hidden_in)
         with graph.inserting_before(out_node):
-            outs += (graph.call_function(_residual, (outs[hidden_out], start)),)
+            outs += (graph.call_function(_residual, (outs[hidden_out], start)) if signal == "residual"
+                     else graph.call_function(_snapshot, (start,)),)
         extra = ["cachec_prev_residual"]
     else:
         extra = [f"cachec_probe_{kind}_{i}" for i in range(probes) for kind in ("stored", "residual")]
@@ -83,7 +93,7 @@ def fuse_gate_signals(fn: fx.GraphModule, hidden_in: str, hidden_out: int, signa
             last = graph.placeholder(name)
         added.append(last)
     with graph.inserting_before(out_node):
-        if signal == "residual":
+        if signal != "probe":
             sums = graph.call_function(l1_sums, (added[0], outs[-1]))
         else:
             sums = graph.call_function(probe_sums, (outs[hidden_out], *added))

@@ -3,6 +3,8 @@ the Fn segment where the hidden states' shape is static)."""
 from __future__ import annotations
 
 import bisect
+from typing import Optional
+
 import torch
 import torch.fx as fx
 from torch.fx.passes.split_module import split_module
@@ -44,7 +46,8 @@ def _starts(chain: BlockChain, Fn: int, Bn: int, always: set[int],
     """(start position, kind, block names) of each segment, in graph order. With
     ``merge_prologue`` the Fn segment starts at the top of the graph."""
     blocks = chain.blocks
-    starts: list[tuple[int, str, list[str]]] = [] if merge_prologue else [(0, "prologue", [])]
+    # with Fn = 0 (TeaCache) the prologue is the gate's segment: kind "fn", no blocks
+    starts: list[tuple[int, str, list[str]]] = [] if merge_prologue else [(0, "prologue" if Fn else "fn", [])]
     for kind, s, e in _pieces(chain, Fn, Bn, always, per_block):
         if s in chain.stretch_starts and blocks[s - 1].last + 1 < blocks[s].first:
             starts.append((blocks[s - 1].last + 1, "glue", []))
@@ -79,10 +82,14 @@ def _run_io(nodes: list[fx.Node], pos: dict, begin: int, end: int) -> tuple[list
     return inputs, outputs
 
 
-def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int, granularity: str = "stretch") -> SplitPlan:
+def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int, granularity: str = "stretch",
+                gate_node: Optional[str] = None) -> SplitPlan:
     """Split ``gm`` around the chain.
 
-    Expects ``Fn >= 1``, ``Bn >= 0`` and ``Fn + Bn`` below the chain length.
+    Expects ``Fn >= 0``, ``Bn >= 0`` and ``Fn + Bn`` below the chain length. With
+    ``Fn = 0`` the prologue is the gate's segment (kind "fn", no blocks) and
+    ``gate_node`` names the node in it that the gate measures (TeaCache's modulated
+    input, ``passes.modulated``); by default the gate measures the hidden states.
     Guarantees: the parent graph calls one submodule per segment, in order,
     each returning a tuple; every block belongs to exactly one fn/mid/always/bn
     segment; a mid segment never crosses a stretch boundary, and with
@@ -103,9 +110,12 @@ def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int, granula
     pos = {nd: i for i, nd in enumerate(nodes)}
     blocks = chain.blocks
     unproven: dict[str, list[str]] = {}
+    def since(b: int) -> int:   # where the tensors block b takes from the previous block are made
+        return blocks[b - 1].first if b > 0 else 0
+
     for b in range(Fn, n - Bn):   # each candidate middle block on its own
         begin, end = _begin(chain, b), blocks[b].last
-        _, missing = _roles(nodes, pos, begin, end, *_run_io(nodes, pos, begin, end), blocks[b - 1].first)
+        _, missing = _roles(nodes, pos, begin, end, *_run_io(nodes, pos, begin, end), since(b))
         if missing:
             unproven[blocks[b].name] = missing
     by_name = {nd.name: nd for nd in nodes}
@@ -114,7 +124,7 @@ def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int, granula
     # the prologue reads a Python number back from a tensor (``dynamic=True`` hands norm eps and
     # RoPE theta over as tensors read with ``.item()``): a segment handed the number as an input
     # compiles it as a symbol, one that reads it inside cannot use it (data-dependent)
-    merge = static_tensor(example_value(chain.hidden_in)) and not any(
+    merge = Fn > 0 and static_tensor(example_value(chain.hidden_in)) and not any(
         isinstance(example_value(nd), (torch.SymInt, torch.SymFloat, torch.SymBool))
         for nd in nodes[:blocks[0].first])
     while True:   # a run of proven blocks is proven too, unless glue between them breaks the path
@@ -130,7 +140,7 @@ def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int, granula
                 first = next(i for i, b in enumerate(blocks) if b.name == seg.blocks[0])
                 seg.residual_of, missing = _roles(
                     nodes, pos, begin, end, [by_name[x] for x in seg.input_names],
-                    [by_name[x] for x in seg.output_names], blocks[first - 1].first)
+                    [by_name[x] for x in seg.output_names], since(first))
                 if missing:
                     unproven.update({b: missing for b in seg.blocks})
                     grown = True
@@ -139,6 +149,12 @@ def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int, granula
     gate = next(i for i, s in enumerate(segments) if s.kind == "fn")
     g = segments[gate]
     end = spans[gate][1]
+    values = {nd.name: example_value(nd) for nd in nodes}
+    if Fn == 0:   # the gate's segment hands the hidden states to block 0 as they are (or a graph input does)
+        name = chain.hidden_in.name
+        hidden_out = g.output_names.index(name) if name in g.output_names else None
+        probe = _follow_hidden(segments, gate, name)
+        return SplitPlan(parent, segments, gate, gate_node or name, hidden_out, values, unproven, probe)
     sources = trace_skip_paths(nodes[blocks[0].first:end + 1], list(chain.carried_in[0]),
                                [by_name[x] for x in g.output_names])
     outs = [i for i, src in enumerate(sources) if src is chain.hidden_in]
@@ -147,9 +163,8 @@ def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int, granula
                            f"'{chain.hidden_in.name}' along a residual path (adds, casts, cat and slices)")
     handed_on = set(chain.carried_in[Fn])   # the stream the next block reads, over skip values kept for later
     hidden_out = next((i for i in outs if by_name[g.output_names[i]] in handed_on), outs[0])
-    values = {nd.name: example_value(nd) for nd in nodes}
     probe = _follow_hidden(segments, gate, g.output_names[hidden_out])
-    return SplitPlan(parent, segments, gate, chain.hidden_in.name, hidden_out, values, unproven, probe)
+    return SplitPlan(parent, segments, gate, gate_node or chain.hidden_in.name, hidden_out, values, unproven, probe)
 
 
 def _follow_hidden(segments: list[Segment], gate: int, hidden: str) -> list[int]:

@@ -50,7 +50,8 @@ class FnGate:
     per step changes).
     """
 
-    def __init__(self, run: Callable, hidden_in: Optional[int], hidden_out: int, layout: GateLayout, call: _Call,
+    def __init__(self, run: Callable, hidden_in: Optional[int], hidden_out: Optional[int], layout: GateLayout,
+                 call: _Call,
                  strategy, read_timestep: Callable[[list], Optional[float]], hidden_value=None):
         self.run, self.hidden_in, self.hidden_out, self.layout = run, hidden_in, hidden_out, layout
         self.call, self.strategy = call, strategy
@@ -79,7 +80,7 @@ class FnGate:
         def signals() -> Optional[list]:
             if b is guess and measurable:
                 return read if read is not None else sums.flatten().tolist()
-            return strategy.measure(b, outs[self.hidden_out], residual)
+            return strategy.measure(b, None if self.hidden_out is None else outs[self.hidden_out], residual)
 
         strategy.decide(call, b, step, signals, residual)
         return tuple(outs)

@@ -18,11 +18,12 @@ the same way under every strategy. docs/design.md ("Strategies") has the rules.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
 
-from ..options import DBCacheConfig, DBPruneConfig
+from ..options import DBCacheConfig, DBPruneConfig, FlexDBCacheConfig, TeaCacheConfig
 from ..plan import SplitPlan, l1_sums, probe_sums, ratio
 from .calibrators import lookup
 from .state import BranchState, RegionCache, RequestState
@@ -37,9 +38,11 @@ class DBCache:
     signal = "residual"
     stores_inputs = False
 
-    def __init__(self, config: DBCacheConfig, plan: SplitPlan, blocks: list[str]):
+    def __init__(self, config: DBCacheConfig, plan: SplitPlan, blocks: list[str], model: str = ""):
         self.config = config
         self.all = {True: [True] * len(plan.segments), False: [False] * len(plan.segments)}
+        self.cooldown = getattr(config, "cooldown", 0)   # FlexCache's last steps that always compute
+        self.cooldown_unknown = False                     # warned: no step count to place the cooldown
 
     def signal_inputs(self, branch: Optional[BranchState], like: torch.Tensor) -> tuple[list, bool]:
         prev = branch.prev_residual if branch is not None else None
@@ -59,6 +62,8 @@ class DBCache:
         c = self.config
         if step in request.warmup_steps:
             return True, "warmup"
+        if self.cooldown and self._in_cooldown(request, step):
+            return True, "cooldown"
         if not branch.has_cache:
             return True, "nothing cached yet"
         mask = request.mask
@@ -68,6 +73,25 @@ class DBCache:
             if c.steps_computation_policy == "static":
                 return False, "steps_computation_mask (static)"
         return None
+
+    def _in_cooldown(self, request: RequestState, step: int) -> bool:
+        """Whether ``step`` is one of the generation's last ``cooldown`` steps; FlexCache's rule
+        warmup + cooldown < num_inference_steps is checked against the step count in effect."""
+        last = request.last_step
+        if last is None:
+            if not self.cooldown_unknown:
+                self.cooldown_unknown = True
+                from ..backend import CachecWarning
+                warnings.warn(f"cachec: cooldown={self.cooldown} needs the generation's step count, which this "
+                              f"pipeline does not tell: pass num_inference_steps in the options (or call "
+                              f"cachec.refresh(model, num_inference_steps=N)); until then no step is a cooldown "
+                              f"step", CachecWarning, stacklevel=4)
+            return False
+        warmup = self.config.max_warmup_steps
+        if warmup + self.cooldown > last:
+            raise ValueError(f"warmup={warmup} + cooldown={self.cooldown} must be < num_inference_steps="
+                             f"{last + 1}: warmup + cooldown < num_inference_steps (every step would compute)")
+        return step > last - self.cooldown
 
     def decide(self, call, branch: BranchState, step: int, signals: Signals, residual) -> None:
         c, request = self.config, call.request
@@ -136,7 +160,7 @@ class DBPrune(DBCache):
     signal = "probe"
     stores_inputs = True
 
-    def __init__(self, config: DBPruneConfig, plan: SplitPlan, blocks: list[str]):
+    def __init__(self, config: DBPruneConfig, plan: SplitPlan, blocks: list[str], model: str = ""):
         super().__init__(config, plan, blocks)
         chain = list(blocks)
         never = set(config.non_prune_block_ids)
@@ -216,7 +240,57 @@ class DBPrune(DBCache):
         return max(relaxed, t) if relaxed < c.max_dynamic_threshold() else t
 
 
-STRATEGIES = {DBCacheConfig: DBCache, DBPruneConfig: DBPrune}
+class TeaCache(DBCache):
+    """TeaCache: one decision per call, for the whole block chain, from the first block's
+    timestep-modulated input.
+
+    The gate's segment is the prologue with a copy of that input's computation
+    (``passes.modulated``); it returns the input and its partial sums against the
+    branch's value at the previous call. The relative L1 change, rescaled by the
+    model's polynomial, adds up over the calls of a branch; while the sum stays
+    under the threshold the chain reuses its residuals, once it reaches it the chain
+    computes and the sum starts again from 0. Warmup, cooldown, "nothing cached
+    yet" and the caching bounds force computing steps, as in DBCache.
+    """
+
+    signal = "modulated"
+
+    def __init__(self, config: TeaCacheConfig, plan: SplitPlan, blocks: list[str], model: str = ""):
+        super().__init__(config, plan, blocks)
+        self.rescale = config.rescale(model)
+
+    def poly(self, x: float) -> float:
+        y = 0.0
+        for c in self.rescale:
+            y = y * x + c
+        return y
+
+    def decide(self, call, branch: BranchState, step: int, signals: Signals, modulated) -> None:
+        c, request = self.config, call.request
+        forced = self.step_forced(request, branch, step)
+        sums = signals() if branch.prev_residual is not None else None
+        if sums is not None:   # the change since the branch's previous call, whatever it decides
+            d = ratio(sums[0], sums[1])
+            branch.residual_diffs[step] = d
+            branch.accumulated_diff += self.poly(d)
+        if forced is None:
+            # TeaCache's sum is its signal, not a bound on caching: no accumulated bound here
+            forced = _limits(c, len(branch.cached_steps), branch.continuous_cached, 0.0)
+        if forced is not None:
+            compute, reason = forced
+        elif sums is None:
+            compute, reason = True, "no modulated input to compare"
+        else:
+            compute = branch.accumulated_diff >= c.residual_diff_threshold
+            reason = "accumulated >= threshold" if compute else "accumulated < threshold"
+        branch.record(step, compute, reason, cached_status=request.cached_status)
+        if compute:
+            branch.accumulated_diff = 0.0
+        branch.prev_residual = modulated   # TeaCache compares consecutive calls, computed or not
+        call.compute = self.all[compute]
+
+
+STRATEGIES = {DBCacheConfig: DBCache, DBPruneConfig: DBPrune, FlexDBCacheConfig: DBCache, TeaCacheConfig: TeaCache}
 
 
 def strategy_for(config) -> type:
@@ -224,4 +298,4 @@ def strategy_for(config) -> type:
     return lookup(STRATEGIES, config, "strategy handler")
 
 
-__all__ = ["DBCache", "DBPrune", "STRATEGIES", "strategy_for", "RegionCache"]
+__all__ = ["DBCache", "DBPrune", "TeaCache", "STRATEGIES", "strategy_for", "RegionCache"]

@@ -51,6 +51,8 @@ class CacheSummary:
     # (blocks, subgraphs): with inductor and share_blocks, the blocks compiled as calls of that
     # many shared subgraphs (counted per compiled piece); (0, 0) where none were
     shared_blocks: tuple[int, int] = (0, 0)
+    # TeaCache: the node the gate measures (block 0's modulated input, copied before the chain)
+    gate_input: Optional[str] = None
 
     def __str__(self) -> str:
         lines = [f"cachec: {len(self.blocks)} chained blocks, Fn={self.Fn} Bn={self.Bn} ({self.config}); "
@@ -60,6 +62,9 @@ class CacheSummary:
                     f"{self.shared_blocks[1]} compiled subgraphs" if self.shared_blocks[1] else ""),
                  f"generation {self.generation}: {self.steps} steps, {self.calls} calls; steps and branches "
                  f"from: {self.identity}"]
+        if self.gate_input:
+            lines.append(f"gate measures: {self.gate_input}, computed before the chain (the diff column is its "
+                         f"relative L1 change since the branch's previous call)")
         if self.unpaired:
             lines.append("reused as values on cached steps (no input to pair with): " + ", ".join(self.unpaired))
         for block, outs in self.unproven.items():
@@ -129,4 +134,4 @@ def summarize(model: ModelState, state: RequestState) -> CacheSummary:
         segments=list(info.get("segments", [])), config=state.config.short_name(), identity=state.identity,
         unpaired=list(info.get("unpaired", [])), unproven=dict(info.get("unproven", {})),
         strategy=state.config.cache_type, blocks_total=len(info.get("blocks", [])),
-        shared_blocks=tuple(info.get("shared", (0, 0))))
+        shared_blocks=tuple(info.get("shared", (0, 0))), gate_input=info.get("gate_input"))

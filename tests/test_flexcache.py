@@ -1,0 +1,267 @@
+"""FlexCache's one knob (strategy, cache_ratio, warmup, cooldown) and TeaCache.
+
+References: FlexCache's validation rules and mappings restated by hand; for TeaCache,
+the modulated input read from the eager model's own adaptive norm (``norm1``) and
+the accumulate-and-reset rule restated here; on the toy, outputs worked out by hand.
+"""
+import logging
+import os
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import cachec
+from cachec.options import TEACACHE_COEFFICIENTS, parse_options
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_models  # noqa: E402
+from test_syncs import per_call_syncs  # noqa: E402
+from toy import ToyDiT, _run  # noqa: E402
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
+
+
+# --------------------------------------------------------------------------------------- options
+
+@given(c=st.floats(-0.5, 1.5, allow_nan=False), warmup=st.integers(-1, 6), cooldown=st.integers(-1, 6),
+       n=st.one_of(st.none(), st.integers(1, 12)), strategy=st.sampled_from(["teacache", "TeaCache", "dbcache", "DBCACHE"]))
+def test_flex_options_follow_flexcache_rules_and_mappings(c, warmup, cooldown, n, strategy):
+    opts = {"strategy": strategy, "cache_ratio": c, "warmup": warmup, "cooldown": cooldown}
+    if n is not None:
+        opts["num_inference_steps"] = n
+    if not 0 <= c <= 1:
+        with pytest.raises(ValueError, match=r"cache_ratio=.* must be in \[0, 1\]"):
+            parse_options(opts)
+    elif warmup < 0 or cooldown < 0:
+        with pytest.raises(ValueError, match=r"(warmup|cooldown)=-1 is invalid: expected an int >= 0"):
+            parse_options(opts)
+    elif n is not None and warmup + cooldown >= n:
+        with pytest.raises(ValueError, match=r"warmup \+ cooldown < num_inference_steps"):
+            parse_options(opts)
+    else:
+        o = parse_options(opts)
+        cfg = o.cache_config
+        assert o.flex.strategy == strategy.lower()
+        assert cfg.max_warmup_steps == warmup and cfg.cooldown == cooldown and cfg.num_inference_steps == n
+        assert cfg.residual_diff_threshold == pytest.approx(0.08 + c * 0.27, abs=1e-6)   # rounded to 6 places
+        if strategy.lower() == "teacache":
+            assert isinstance(cfg, cachec.TeaCacheConfig) and cfg.Fn_compute_blocks == 0
+            assert cfg.max_continuous_cached_steps == -1
+        else:
+            assert (cfg.Fn_compute_blocks, cfg.Bn_compute_blocks) == (1, 0)
+            assert cfg.max_continuous_cached_steps == 1 + round(4 * c)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"strategy": "PAB"}, r"strategy='pab' is not supported yet.*\('dbcache', 'teacache'\)"),
+    ({"strategy": "ditango", "output_dir": "/tmp"}, r"strategy='ditango' is not supported yet"),
+    ({"strategy": "tea"}, r"strategy='tea' is invalid: expected one of \('dbcache', 'teacache', 'pab', 'ditango'\)"),
+    ({"cache_ratio": "0.5"}, r"cache_ratio='0.5' is invalid"),
+    ({"flexcache": "teacache", "strategy": "dbcache"}, r"two names for one setting"),
+    ({"flexcache": 3}, r"flexcache=3 is invalid: expected a strategy name"),
+    ({"flexcache": None, "cache_ratio": 0.5}, r"flexcache=None turns caching off"),
+    ({"strategy": "teacache", "Fn_compute_blocks": 2}, r"\['Fn_compute_blocks'\] contradict the FlexCache options"),
+    ({"strategy": "dbcache", "teacache_coefficients": [1.0, 0.0]}, r"teacache_coefficients=.*needs strategy='teacache'"),
+    ({"strategy": "teacache", "output_dir": "out"}, r"output_dir='out' needs strategy='ditango'"),
+    ({"cache_type": "TeaCache", "Fn_compute_blocks": 1}, r"Fn_compute_blocks=1 is invalid for TeaCache"),
+])
+def test_flex_option_errors_name_the_rule(options, message):
+    with pytest.raises(ValueError, match=message):
+        parse_options(options)
+
+
+def test_legacy_spellings_and_typed_configs():
+    legacy = parse_options({"flexcache": "TeaCache"})
+    assert legacy.flex == cachec.FlexCacheConfig() and legacy.cache_config == cachec.FlexCacheConfig().resolve()
+    assert legacy.cache_config.residual_diff_threshold == pytest.approx(0.08 + 0.25 * 0.27)   # documented default
+    assert parse_options({"flexcache": None}).cache_config is None
+    typed = cachec.FlexCacheConfig(strategy="DBCache", cache_ratio=1.0, warmup=2, cooldown=0)
+    assert parse_options({"cache_config": typed}).cache_config == typed.resolve()
+    assert parse_options({"flexcache": typed}).flex == typed
+    tea = parse_options({"cache_type": "TeaCache", "cooldown": 2, "teacache_coefficients": [2.0, 0.0]}).cache_config
+    assert tea.cooldown == 2 and tea.rescale("FluxTransformer2DModel") == (2.0, 0.0)
+    assert cachec.TeaCacheConfig().rescale("FluxTransformer2DModel") == TEACACHE_COEFFICIENTS["FluxTransformer2DModel"]
+    assert cachec.TeaCacheConfig().rescale("WanTransformer3DModel") == (1.0, 0.0)
+
+
+# ------------------------------------------------------------------------------ switches that turn it off
+
+def _toy_outputs(compiled, model, steps=4):
+    with torch.no_grad():
+        for i in range(steps):
+            x, t = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(i)), torch.tensor([900.0 - 100 * i])
+            torch.testing.assert_close(compiled(x, t)[0], model(x, t)[0], rtol=0, atol=0)
+
+
+def _compile_toy(**options):
+    torch._dynamo.reset()
+    model = ToyDiT()
+    return model, torch.compile(model, backend="cachec", options={"inner_backend": "eager", **options})
+
+
+def test_flexcache_none_compiles_plainly():
+    model, compiled = _compile_toy(flexcache=None)
+    _toy_outputs(compiled, model)
+    with pytest.raises(ValueError, match="has no cachec state"):
+        cachec.summary(compiled)
+
+
+@pytest.mark.parametrize("how", ["env", "function"])
+def test_process_switch_compiles_plainly_and_says_so_once(how, monkeypatch, caplog):
+    import cachec.compile_configs as cc
+    monkeypatch.setitem(cc._switch, "logged", False)
+    monkeypatch.setitem(cc._switch, "enabled", None)
+    if how == "env":
+        monkeypatch.setenv("CACHEC_ENABLE", "0")
+    else:
+        cachec.set_enabled(False)
+    assert not cachec.is_enabled()
+    with caplog.at_level(logging.WARNING, logger="cachec"):
+        for _ in range(2):
+            model, compiled = _compile_toy(strategy="teacache", cache_ratio=1.0)
+            _toy_outputs(compiled, model)
+            with pytest.raises(ValueError, match="has no cachec state"):
+                cachec.summary(compiled)
+    said = [r.getMessage() for r in caplog.records if r.name == "cachec"]
+    assert len(said) == 1 and "caching is off for this process" in said[0]
+    assert ("CACHEC_ENABLE=0" if how == "env" else "set_enabled(False)") in said[0]
+    cachec.set_enabled(None)
+    monkeypatch.setenv("CACHEC_ENABLE", "1")
+    assert cachec.is_enabled()
+    monkeypatch.setenv("CACHEC_ENABLE", "maybe")
+    with pytest.raises(ValueError, match="CACHEC_ENABLE='maybe' is invalid"):
+        cachec.is_enabled()
+    with pytest.raises(ValueError, match=r"set_enabled\('no'\) is invalid"):
+        cachec.set_enabled("no")
+
+
+# --------------------------------------------------------------------------------------- TeaCache
+
+def _teacache_decisions(diffs: dict, steps: int, threshold: float, poly, warmup: int, cooldown: int) -> list[int]:
+    """TeaCache by hand: the computed steps, from the change of each step against the one before."""
+    computed, acc = [], 0.0
+    for s in range(steps):
+        if s > 0:
+            acc += sum(c * diffs[s] ** (len(poly) - 1 - i) for i, c in enumerate(poly))
+        if s < warmup or s >= steps - cooldown or acc >= threshold:
+            computed.append(s)
+            acc = 0.0
+    return computed
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "cogvideox"])
+def test_teacache_measures_the_adaptive_norm_output_and_decides_as_teacache(name):
+    """The latent fed at each step is fixed in advance, so the modulated inputs (and the
+    decisions) do not depend on what was cached: the eager model's ``norm1`` output gives them."""
+    case = tiny_models.build(name)
+    steps, threshold = 8, 0.4
+    ts = [1 - i / steps for i in range(steps)]
+    start, drift = case.inputs(1.0, seed=0)[case.latent_key], case.inputs(1.0, seed=1)[case.latent_key]
+    latents = [start + 0.02 * s * drift for s in range(steps)]   # a slowly moving latent, as in denoising
+    block0 = next(m for n, m in case.model.named_modules() if n.endswith(".0") and hasattr(m, "norm1"))
+    seen = []
+    hook = block0.norm1.register_forward_hook(lambda m, a, out: seen.append(out[0].detach().clone()))
+    with torch.no_grad():
+        want = [case.latent_of(case.model(**case.with_latent(case.inputs(t), x))) for t, x in zip(ts, latents)]
+    hook.remove()
+    ref = {s: ((seen[s] - seen[s - 1]).abs().mean() / seen[s - 1].abs().mean()).item() for s in range(1, steps)}
+    torch._dynamo.reset()
+    compiled = torch.compile(case.model, backend="cachec", options={
+        "inner_backend": "eager", "cache_type": "TeaCache", "residual_diff_threshold": threshold,
+        "num_inference_steps": steps, "max_warmup_steps": 1, "cooldown": 1})
+    with torch.no_grad():
+        got = [case.latent_of(compiled(**case.with_latent(case.inputs(t), x))) for t, x in zip(ts, latents)]
+    s = cachec.summary(compiled)
+    assert s.strategy == "TeaCache" and s.segments[0] == ("fn", []) and "block" in s.gate_input
+    for k in ref:
+        assert s.residual_diffs[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-7)
+    poly = TEACACHE_COEFFICIENTS.get(type(case.model).__name__, (1.0, 0.0))
+    expected = _teacache_decisions(ref, steps, threshold, poly, 1, 1)
+    assert s.computed_steps == expected and len(expected) < steps
+    for k in range(steps):
+        if k in expected:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+        else:
+            assert not torch.equal(got[k], want[k])
+
+
+def test_teacache_falls_back_to_the_block_input_with_a_warning():
+    """The toy has no adaptive norm: the gate measures the hidden states entering block 0, and a
+    cached step is its input plus the chain's residual at the last computed step, worked out by hand."""
+    model, compiled = _compile_toy(cache_type="TeaCache", residual_diff_threshold=0.5, num_inference_steps=8,
+                                   cooldown=1)
+    xs = [torch.full((1, 4, 8), 1.0 + 0.1 * i) + 0.01 * torch.arange(8.0) for i in range(8)]
+    ts = [torch.tensor([900.0 - 100 * i]) for i in range(8)]
+    with pytest.warns(cachec.CachecWarning, match="measures the hidden states entering the first block instead"), \
+            torch.no_grad():
+        got = [compiled(x, t)[0] for x, t in zip(xs, ts)]
+    s = cachec.summary(compiled)
+    diffs = {k: ((xs[k] - xs[k - 1]).abs().mean() / xs[k - 1].abs().mean()).item() for k in range(1, 8)}
+    computed = _teacache_decisions(diffs, 8, 0.5, (1.0, 0.0), 1, 1)
+    assert s.computed_steps == computed and len(computed) < 8
+    with torch.no_grad():
+        for k in range(8):
+            if k in computed:   # the whole chain runs; its residual is kept for the steps after
+                residual = _run(model.blocks, xs[k], model.temb(ts[k])) - xs[k]
+            torch.testing.assert_close(got[k], xs[k] + residual, rtol=1e-6, atol=1e-6)
+
+
+def test_teacache_reads_the_host_once_per_call_and_never_recompiles():
+    _, compiled = _compile_toy(cache_type="TeaCache", residual_diff_threshold=0.5, num_inference_steps=6, cooldown=1)
+    ts = [torch.tensor([900.0 - 100 * i]) for i in range(6)]
+    xs = [torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(b)) for b in range(2)]   # two CFG branches
+    with pytest.warns(cachec.CachecWarning):
+        per_call_syncs(compiled, ts, xs)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        counts = per_call_syncs(compiled, ts, xs)
+    s = cachec.summary(compiled)
+    assert max(counts) == 1 and s.generation == 1 and len(s.branches) == 2 and s.cached_steps
+
+
+# ------------------------------------------------------------------------- the knob on the trained model
+
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    sys.path.insert(0, BENCH)
+    import digits
+    transformer, conditioner = digits.load_model()
+    runs: dict = {}
+
+    def computed(strategy: str, ratio: float, warmup: int = 2, cooldown: int = 2) -> dict:
+        key = (strategy, ratio, warmup, cooldown)
+        if key not in runs:
+            torch._dynamo.reset()
+            compiled = torch.compile(transformer, backend="cachec", options={
+                "inner_backend": "eager", "strategy": strategy, "cache_ratio": ratio, "warmup": warmup,
+                "cooldown": cooldown, "num_inference_steps": STEPS})
+            digits.sample(transformer, conditioner, list(range(10)), steps=STEPS, transformer_call=compiled)
+            s = cachec.summary(compiled)
+            runs[key] = {n: list(b.computed_steps) for n, b in s.branches.items()}
+        return runs[key]
+    return computed
+
+
+@settings(max_examples=5, deadline=None)
+@given(strategy=st.sampled_from(["teacache", "dbcache"]), a=st.floats(0, 1), b=st.floats(0, 1))
+def test_a_higher_cache_ratio_never_computes_more(digits_model, strategy, a, b):
+    lo, hi = sorted((round(a, 2), round(b, 2)))
+    more, fewer = digits_model(strategy, lo), digits_model(strategy, hi)
+    assert set(more) == set(fewer) == {"cond", "uncond"}
+    for branch in more:
+        assert len(fewer[branch]) <= len(more[branch]), (strategy, lo, hi, more, fewer)
+
+
+@pytest.mark.parametrize("strategy", ["teacache", "dbcache"])
+def test_warmup_and_cooldown_steps_always_compute(digits_model, strategy):
+    runs = digits_model(strategy, 1.0, warmup=3, cooldown=2)
+    for branch, computed in runs.items():
+        assert {0, 1, 2, STEPS - 2, STEPS - 1} <= set(computed), (branch, computed)
+        assert len(computed) < STEPS
+    # without them the same knob caches some of those steps
+    bare = digits_model(strategy, 1.0, warmup=1, cooldown=0)
+    assert any(not {1, 2, STEPS - 2, STEPS - 1} <= set(c) for c in bare.values()), bare
