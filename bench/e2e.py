@@ -24,7 +24,9 @@ cachec options and the cache-dit kwargs of each; F1B0, warmup 4, max 3 cached st
 * ``SCM (dynamic)``, ``SCM (static)``: cache-dit's named step masks slow / medium / fast / ultra;
   dynamic caches a mask's 0-step only when the DBCache gate (r = 0.24) agrees, static outright;
 * ``DBPrune``: r = 0.06, 0.1, 0.16 (0.04 prunes nothing on this model, 0.16 all that warmup and
-  max_continuous_cached_steps allow).
+  max_continuous_cached_steps allow);
+* ``FlexCache teacache``, ``FlexCache dbcache``: FlexCache's one knob, cache_ratio = 0 ... 1 with its
+  default warmup 1 and cooldown 1 (cachec only: neither cache-dit nor diffusers has TeaCache or the knob).
 
 plus diffusers ``FirstBlockCache`` (the DBCache thresholds, threshold only) and diffusers
 ``TaylorSeerCacheConfig`` (fixed interval), both under ``torch.compile``. cache-dit runs under its
@@ -84,6 +86,7 @@ SWEEP = (0.08, 0.12, 0.16, 0.24, 0.32)            # DBCache alone
 CALIBRATED = (0.16, 0.24, 0.32)                   # with a calibrator: where there are cached steps to correct
 MASKS = ("slow", "medium", "fast", "ultra")       # cache-dit's named step masks
 PRUNE = (0.06, 0.1, 0.16)                         # DBPrune's spread on this model
+RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)              # FlexCache's one knob (warmup 1, cooldown 1: its defaults)
 
 
 def dbcache(steps: int, **overrides) -> dict:
@@ -153,6 +156,18 @@ def _scm(policy: str) -> Strategy:
         diffusers="no step masks in diffusers' hooks", feature="named SCM masks")
 
 
+def _no_flexcache(ratio, steps):
+    raise ValueError("no FlexCache one-knob API and no TeaCache in cache-dit 1.5.3")
+
+
+def _flex(strategy: str) -> Strategy:
+    return Strategy(
+        f"FlexCache {strategy}", RATIOS, lambda c: f"cache_ratio={c:g}",
+        cachec=lambda c, n: {"strategy": strategy, "cache_ratio": c, "num_inference_steps": n},
+        cache_dit=_no_flexcache, diffusers="no one-knob API (FlexCache) in diffusers' hooks",
+        feature=f"FlexCache {strategy}", requires="FlexCacheConfig")
+
+
 STRATEGIES = (
     Strategy("DBCache", _thresholds(SWEEP) + ({"Fn_compute_blocks": 2, "Bn_compute_blocks": 1},), _at,
              cachec=lambda p, n: dbcache(n, **p),
@@ -169,6 +184,8 @@ STRATEGIES = (
              cachec=lambda r, n: {"cache_type": "DBPrune", **dbcache(n, residual_diff_threshold=r)},
              cache_dit=lambda r, n: _enable_cache(dbcache(n, residual_diff_threshold=r), "DBPruneConfig"),
              diffusers="no block pruning in diffusers' hooks", feature="DBPrune", counts="blocks"),
+    _flex("teacache"),
+    _flex("dbcache"),
 )
 
 
@@ -536,6 +553,30 @@ def write_csv(table: list[dict], path: str) -> None:
         writer.writerows(table)
 
 
+def read_csv(path: str) -> list[dict]:
+    """A table ``write_csv`` wrote, with its numbers as numbers again."""
+    def value(v: str):
+        try:
+            return int(v)
+        except ValueError:
+            try:
+                return float(v)
+            except ValueError:
+                return v
+    with open(path, newline="") as f:
+        return [{k: value(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with each of its rows that ``new`` measured again replaced, and ``new``'s other
+    rows appended; a row is its (system, strategy, setting). The plain torch.compile row of
+    ``old`` stays: PSNR is against its images in both runs (same seeds and model)."""
+    key = lambda t: (t["system"], t["strategy"], t["setting"])   # noqa: E731
+    fresh = {key(t): t for t in new if t["strategy"] != "uncached"}
+    merged = [fresh.pop(key(t), t) for t in old]
+    return merged + list(fresh.values())
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The (PSNR, speedup) points no other point beats on both, sorted by PSNR.
 
@@ -544,7 +585,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return sorted(p for p in points if not any(q[0] > p[0] and q[1] > p[1] for q in points))
 
 
-CURVE_COLORS = {name: f"C{i}" for i, name in enumerate(
+_PALETTE = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9", "gold", "teal", "navy", "lime")
+CURVE_COLORS = {name: _PALETTE[i % len(_PALETTE)] for i, name in enumerate(
     [s.name for s in STRATEGIES] + ["FirstBlockCache", "TaylorSeer (interval)"])}
 
 
@@ -613,6 +655,9 @@ def main():
     ap.add_argument("--rows", nargs="*", metavar="STRATEGY",
                     help="run only rows whose strategy contains one of these words, e.g. DBPrune, TaylorSeer, "
                          "SCM, FoCa, DBCache, FirstBlockCache (uncached rows always run)")
+    ap.add_argument("--merge", metavar="CSV",
+                    help="merge this run's rows into an earlier table (e.g. bench/results/e2e.csv): rows measured "
+                         "again replace theirs, new ones are added; --csv/--png get the merged table")
     ap.add_argument("--csv", default="out/e2e.csv")
     ap.add_argument("--png", default="out/e2e.png")
     args = ap.parse_args()
@@ -635,6 +680,8 @@ def main():
     run(plan, conditioner, labels, args.steps, args.backend, args.repeats)
     table = finish(plan, labels, args.steps)
     print_table(table, args.steps, len(labels), args.backend)
+    if args.merge:
+        table = merge(read_csv(args.merge), table)
     write_csv(table, args.csv)
     plot(table, args.png, f"digits DiT, {len(labels)} digits, {args.steps} steps, separate CFG, {args.backend}")
     print(f"\nCSV: {args.csv}\nPNG: {args.png}")

@@ -197,10 +197,10 @@ def test_prune_keys_without_cache_type_say_how_to_prune(key):
 
 @given(value=st.one_of(st.text(max_size=4), st.integers(), st.none()))
 def test_cache_type_names_the_strategies(value):
-    if isinstance(value, str) and value.lower() in ("dbcache", "dbprune"):
-        parse_options({"cache_type": value})
+    if isinstance(value, str) and value.lower() in ("dbcache", "dbprune", "teacache"):
+        assert parse_options({"cache_type": value}).cache_config.cache_type.lower() == value.lower()
         return
-    with pytest.raises(ValueError, match=r"cache_type=.* expected one of \['DBCache', 'DBPrune'\]"):
+    with pytest.raises(ValueError, match=r"cache_type=.* expected one of \['DBCache', 'DBPrune', 'TeaCache'\]"):
         parse_options({"cache_type": value})
 
 
