@@ -163,7 +163,9 @@ def _gate_graph(compile_graph: Callable, plan: SplitPlan, strategy, fake_mode) -
     seg = plan.segments[plan.gate_segment]
     gm = fuse_gate_signals(plan.submodule(seg), plan.gate_hidden_name, plan.gate_hidden_out, strategy.signal,
                            len(plan.probe_regions))
-    if strategy.signal != "probe":   # the gate hands it a contiguous residual (modulated input)
+    if strategy.signal == "none":
+        extra = []
+    elif strategy.signal != "probe":   # the gate hands it a contiguous residual (modulated input)
         extra = [_fake_like(plan.example_values[plan.gate_hidden_name], fake_mode, True)]
     else:                               # stored inputs and residuals, contiguous, per probed block
         extra = []
@@ -171,7 +173,7 @@ def _gate_graph(compile_graph: Callable, plan: SplitPlan, strategy, fake_mode) -
             r = plan.segments[k]
             hidden = _fake_like(plan.example_values[r.input_names[r.hidden_in]], fake_mode, True)
             extra += [hidden, hidden]
-    layout = GateLayout(len(seg.output_names), strategy.signal != "probe")
+    layout = GateLayout(len(seg.output_names), strategy.signal in ("residual", "modulated"))
     return compile_graph(gm, plan.example_inputs(seg) + extra), layout
 
 
@@ -328,9 +330,11 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
         "gate_input": measured,
         "blocks": chain.names,
         "segments": [(s.kind, list(s.blocks)) for s in plan.segments],
-        "unpaired": plan.unpaired(),
+        "unpaired": plan.unpaired() if strategy.granularity != "attention" else [],   # PAB: all of them
         "unproven": dict(plan.unproven),
-        "regions": {k: "+".join(plan.segments[k].blocks) for k in plan.regions()},
+        "regions": {k: "+".join(plan.segments[k].blocks) + (f" {plan.segments[k].attention}-attention"
+                                                            if plan.segments[k].attention else "")
+                    for k in plan.regions()},
     }
     fake_mode = detect_fake_mode(example_inputs) or TracingContext.get().fake_mode
     shared = [0, 0]

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-__all__ = ["DBCacheConfig", "DBPruneConfig", "TeaCacheConfig", "FlexCacheConfig", "TaylorSeerCalibratorConfig",
+__all__ = ["DBCacheConfig", "DBPruneConfig", "TeaCacheConfig", "PABConfig", "FlexCacheConfig", "TaylorSeerCalibratorConfig",
            "FoCaCalibratorConfig", "BackendOptions", "parse_options", "steps_mask", "INNER_BACKENDS"]
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
@@ -319,7 +319,7 @@ CACHE_TYPES: dict = {"dbcache": DBCacheConfig, "dbprune": DBPruneConfig}   # Tea
 # ------------------------------------------------------------------------------------- FlexCache
 
 FLEX_STRATEGIES = ("dbcache", "teacache", "pab", "ditango")
-FLEX_LANDED = ("dbcache", "teacache")   # the strategies this version runs; the rest raise "not supported yet"
+FLEX_LANDED = ("dbcache", "teacache", "pab")   # the strategies this version runs; the rest raise "not supported yet"
 # TeaCache's threshold on the accumulated rescaled change, from cache_ratio c: 0.08 + c * (0.35 - 0.08)
 TEACACHE_RANGE = (0.08, 0.35)
 # The rescale polynomials TeaCache's authors published (highest power first, numpy.poly1d order),
@@ -428,6 +428,48 @@ class TeaCacheConfig(DBCacheConfig):
 
 
 @dataclass(frozen=True)
+class PABConfig(DBCacheConfig):
+    """Pyramid Attention Broadcast (Zhao et al.): attention outputs are computed once every
+    ``self_attention_range`` steps (self and joint attention) or ``cross_attention_range`` steps
+    (cross attention, whose output changes least) and broadcast to the steps in between;
+    everything else in the blocks runs on every step. A range of 0 or 1 computes every step.
+
+    The attention regions are found by data flow (``passes.attention``); warmup and cooldown
+    steps compute everything. ``cachec.FlexCacheConfig(strategy="pab", cache_ratio=c)`` sets
+    the ranges to ``round(10c)`` and ``round(round(10c) * 5 / 3)``.
+    """
+
+    Fn_compute_blocks: int = _opt(0, _int_at_least(0), "PAB gates attention outputs, not blocks: 0")
+    max_warmup_steps: int = _opt(1, _int_at_least(0), "steps at the start of a generation that always compute")
+    max_continuous_cached_steps: int = _opt(-1, _int_at_least(-1, " (-1 = unlimited)"), "unused by PAB: -1")
+    self_attention_range: int = _opt(2, _int_at_least(0), "self-attention outputs are computed once every this many steps")
+    cross_attention_range: int = _opt(3, _int_at_least(0), "cross-attention outputs are computed once every this many steps")
+    cooldown: int = _opt(1, _int_at_least(0), "last steps of a generation that always compute")
+
+    cache_type = "PAB"
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("Fn_compute_blocks", "residual_diff_threshold", "max_continuous_cached_steps",
+                     "max_accumulated_residual_diff_threshold", "steps_computation_mask", "scm_steps_mask_policy"):
+            default = _PAB_DEFAULTS.get(name, _FIELD_DEFAULTS.get(name))
+            if getattr(self, name) != default:
+                raise ValueError(f"{name}={getattr(self, name)!r} does not apply to PAB: it broadcasts attention "
+                                 f"outputs on a fixed schedule (self_attention_range, cross_attention_range); "
+                                 f"leave it at {default!r}")
+        if self.enable_taylorseer or self.calibrator_config is not None:
+            raise ValueError("PAB reuses attention outputs as they were: it takes no calibrator "
+                             "(enable_taylorseer, calibrator_config)")
+        _check_steps(self.max_warmup_steps, self.cooldown, self.num_inference_steps)
+
+    def short_name(self) -> str:
+        return f"PAB_S{self.self_attention_range}X{self.cross_attention_range}W{self.max_warmup_steps}C{self.cooldown}"
+
+
+_PAB_DEFAULTS = {"Fn_compute_blocks": 0, "max_continuous_cached_steps": -1}
+
+
+@dataclass(frozen=True)
 class FlexCacheConfig:
     """Smart-Diffusion's FlexCache API: one knob for every strategy.
 
@@ -439,7 +481,9 @@ class FlexCacheConfig:
       first block's modulated input stays under ``0.08 + c * (0.35 - 0.08)``;
     * ``"dbcache"``: the blocks after the first (F1B0), while the first block's residual
       changes less than ``0.08 + c * (0.35 - 0.08)``, at most ``1 + round(4c)`` steps in a row;
-    * ``"pab"`` and ``"ditango"``: attention outputs; not in this version yet.
+    * ``"pab"``: attention outputs, self-attention computed once every ``round(10c)`` steps and
+      cross-attention once every ``round(round(10c) * 5 / 3)`` (``PABConfig``);
+    * ``"ditango"``: not in this version yet.
 
     ``resolve()`` gives the strategy config the runtime runs (``TeaCacheConfig``, ...).
     """
@@ -476,6 +520,11 @@ class FlexCacheConfig:
             return TeaCacheConfig(residual_diff_threshold=round(lo + c * (hi - lo), 6), max_warmup_steps=self.warmup,
                                   cooldown=self.cooldown, num_inference_steps=self.num_inference_steps,
                                   teacache_coefficients=self.teacache_coefficients)
+        if self.strategy == "pab":   # FlexCache divides by these; a range under 2 here just computes every step
+            self_range = round(10 * c)
+            return PABConfig(self_attention_range=self_range, cross_attention_range=round(self_range * 5 / 3),
+                             max_warmup_steps=self.warmup, cooldown=self.cooldown,
+                             num_inference_steps=self.num_inference_steps)
         lo, hi = FLEX_DBCACHE_RANGE
         return FlexDBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=round(lo + c * (hi - lo), 6),
                                  max_warmup_steps=self.warmup, max_continuous_cached_steps=1 + round(4 * c),
@@ -487,7 +536,9 @@ FLEX_ONLY_KEYS = tuple(k for k in FLEX_KEYS if k != "num_inference_steps")
 # ``{"flexcache": "teacache"}``: FlexCache's legacy spelling, a strategy name with the defaults above
 LEGACY_FLEX_KEY = "flexcache"
 CACHE_TYPES["teacache"] = TeaCacheConfig
-TEA_KEYS = ("cooldown", "teacache_coefficients")   # TeaCacheConfig's keys beyond DBCache's (cache_type="TeaCache")
+CACHE_TYPES["pab"] = PABConfig
+# the keys of TeaCacheConfig and PABConfig beyond DBCache's (with cache_type="TeaCache" / "PAB")
+TEA_KEYS = ("cooldown", "teacache_coefficients", "self_attention_range", "cross_attention_range")
 
 
 def _calibrator_check(self) -> None:

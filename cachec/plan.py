@@ -50,6 +50,8 @@ class Segment:
     # one the gate measures), or None where it cannot be followed here
     hidden_in: Optional[int] = None
     hidden_out: Optional[int] = None
+    # attention-output regions (PAB): "self" or "cross"; None for regions of blocks
+    attention: Optional[str] = None
 
 
 @dataclass

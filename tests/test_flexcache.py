@@ -55,8 +55,9 @@ def test_flex_options_follow_flexcache_rules_and_mappings(c, warmup, cooldown, n
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"strategy": "PAB"}, r"strategy='pab' is not supported yet.*\('dbcache', 'teacache'\)"),
-    ({"strategy": "ditango", "output_dir": "/tmp"}, r"strategy='ditango' is not supported yet"),
+    ({"strategy": "DiTango", "output_dir": "/tmp"},
+     r"strategy='ditango' is not supported yet.*\('dbcache', 'teacache', 'pab'\)"),
+    ({"cache_type": "PAB", "enable_taylorseer": True}, r"PAB reuses attention outputs as they were"),
     ({"strategy": "tea"}, r"strategy='tea' is invalid: expected one of \('dbcache', 'teacache', 'pab', 'ditango'\)"),
     ({"cache_ratio": "0.5"}, r"cache_ratio='0.5' is invalid"),
     ({"flexcache": "teacache", "strategy": "dbcache"}, r"two names for one setting"),
@@ -265,3 +266,84 @@ def test_warmup_and_cooldown_steps_always_compute(digits_model, strategy):
     # without them the same knob caches some of those steps
     bare = digits_model(strategy, 1.0, warmup=1, cooldown=0)
     assert any(not {1, 2, STEPS - 2, STEPS - 1} <= set(c) for c in bare.values()), bare
+
+
+# -------------------------------------------------------------------------------------------- PAB
+
+def _pab_reference(case, ts, latents, attn_modules: dict, computes: dict):
+    """The eager model with each attention module's output reused, by a forward hook, on the
+    steps its schedule (``computes[name]``: the steps it computes) leaves out."""
+    stored, step = {}, {"now": 0}
+
+    def hook(name):
+        def reuse(module, args, out):
+            if step["now"] in computes[name]:
+                stored[name] = out
+                return out
+            return stored[name]
+        return reuse
+    hooks = [m.register_forward_hook(hook(n)) for n, m in attn_modules.items()]
+    try:
+        outs = []
+        with torch.no_grad():
+            for s, (t, x) in enumerate(zip(ts, latents)):
+                step["now"] = s
+                outs.append(case.latent_of(case.model(**case.with_latent(case.inputs(t), x))))
+        return outs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _every(steps: int, every: int, warmup: int, cooldown: int) -> list[int]:
+    """PAB's schedule by hand: warmup and cooldown compute, then once every ``every`` steps."""
+    out, last = [], None
+    for s in range(steps):
+        if s < warmup or s >= steps - cooldown or every < 2 or s - last >= every:
+            out.append(s)
+            last = s
+    return out
+
+
+@pytest.mark.parametrize("name, kinds", [
+    ("pixart", {"attn1": "self", "attn2": "cross"}), ("wan", {"attn1": "self", "attn2": "cross"}),
+    ("flux", {"attn": "self"})])
+def test_pab_broadcasts_each_attention_output_on_its_schedule(name, kinds):
+    """Outputs against the eager model whose attention modules reuse their outputs by hooks
+    on the hand-worked schedule; cachec finds the attentions and their kinds by data flow."""
+    case = tiny_models.build(name)
+    steps, self_every, cross_every = 9, 2, 3
+    ts = [1 - i / steps for i in range(steps)]
+    start, drift = case.inputs(1.0, seed=0)[case.latent_key], case.inputs(1.0, seed=1)[case.latent_key]
+    latents = [start + 0.05 * s * drift for s in range(steps)]
+    torch._dynamo.reset()
+    compiled = torch.compile(case.model, backend="cachec", options={
+        "inner_backend": "eager", "cache_type": "PAB", "self_attention_range": self_every,
+        "cross_attention_range": cross_every, "num_inference_steps": steps})
+    with torch.no_grad():
+        got = [case.latent_of(compiled(**case.with_latent(case.inputs(t), x))) for t, x in zip(ts, latents)]
+    modules = {n: m for n, m in case.model.named_modules() if n.rsplit(".", 1)[-1] in kinds
+               and n.count(".") == 2}
+    schedule = {n: _every(steps, self_every if kinds[n.rsplit(".", 1)[-1]] == "self" else cross_every, 1, 1)
+                for n in modules}
+    want = _pab_reference(case, ts, latents, modules, schedule)
+    s = cachec.summary(compiled)
+    block_map = s.branches[list(s.branches)[0]].block_map
+    expected = {f"{n.rsplit('.', 1)[0]} {kinds[n.rsplit('.', 1)[-1]]}-attention": sched for n, sched in schedule.items()}
+    assert {k: [st for st, ran in v.items() if ran] for k, v in block_map.items()} == expected
+    assert s.strategy == "PAB" and "broadcast" in str(s)
+    for k in range(steps):
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5)
+    k = s.cached_steps[0]   # a broadcast step really reused: it differs from the uncached model
+    with torch.no_grad():
+        plain = case.latent_of(case.model(**case.with_latent(case.inputs(ts[k]), latents[k])))
+    assert not torch.allclose(got[k], plain, rtol=1e-5, atol=1e-5)
+
+
+def test_pab_from_the_knob_never_divides_by_zero():
+    for c, (self_every, cross_every) in {0.0: (0, 0), 0.04: (0, 0), 0.05: (0, 0), 0.25: (2, 3), 1.0: (10, 17)}.items():
+        cfg = cachec.FlexCacheConfig(strategy="PAB", cache_ratio=c).resolve()
+        assert (cfg.self_attention_range, cfg.cross_attention_range) == (self_every, cross_every)
+    assert _every(6, 0, 1, 1) == list(range(6))
+    with pytest.raises(ValueError, match="residual_diff_threshold=0.1 does not apply to PAB"):
+        cachec.PABConfig(residual_diff_threshold=0.1)

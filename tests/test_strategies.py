@@ -180,7 +180,7 @@ def test_dbprune_on_fluxs_chain_of_two_block_kinds_with_one_read_per_call():
     assert {b.split(".")[0] for b in s.branches["all"].block_map} == {"transformer_blocks",
                                                                        "single_transformer_blocks"}
     assert any(not r for m in s.branches["all"].block_map.values() for r in m.values())
-    assert "blocks x steps" in str(s) and "pruned" in str(s)
+    assert "regions x steps" in str(s) and "pruned" in str(s)
 
 
 def test_dbprune_reads_once_per_call_and_never_recompiles():

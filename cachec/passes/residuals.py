@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from ..plan import l1_sums, probe_sums
+from .inputs import example_value
 
 __all__ = ["fuse_gate_signals", "fuse_residuals"]
 
@@ -48,6 +49,10 @@ def fuse_residuals(mid: fx.GraphModule, residual_of: list) -> fx.GraphModule:
     return fx.GraphModule(mid, graph)
 
 
+def _no_sums(like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((0, 2), dtype=torch.float32, device=like.device)
+
+
 def _snapshot(x: torch.Tensor) -> torch.Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
@@ -68,16 +73,25 @@ def fuse_gate_signals(fn: fx.GraphModule, hidden_in: str, hidden_out: int, signa
     ``probes`` blocks; returns its outputs and ``plan.probe_sums`` of the hidden
     output along them, one row per block.
 
+    ``signal="none"`` (a schedule, PAB): returns its outputs and an empty ``(0, 2)`` sums.
+
     ``signal="modulated"`` (TeaCache): ``hidden_in`` names the node measured (block 0's
     modulated input, copied into the segment); takes its value at the previous call,
     returns the outputs, a contiguous copy of this call's value in the residual's place,
     and ``[[sum|prev - value|, sum|prev|]]``.
     """
-    if signal not in ("residual", "probe", "modulated"):
-        raise ValueError(f"signal={signal!r}: expected 'residual', 'probe' or 'modulated'")
+    if signal not in ("residual", "probe", "modulated", "none"):
+        raise ValueError(f"signal={signal!r}: expected 'residual', 'probe', 'modulated' or 'none'")
     gm = fx.GraphModule(fn, copy.deepcopy(fn.graph))
     graph, out_node = gm.graph, _output(gm.graph)
     outs = tuple(out_node.args[0])
+    if signal == "none":   # a schedule with no signal (PAB): no rows
+        like = next(o for o in outs if isinstance(example_value(o), torch.Tensor))
+        with graph.inserting_before(out_node):
+            out_node.args = (outs + (graph.call_function(_no_sums, (like,)),),)
+        graph.lint()
+        gm.recompile()
+        return gm
     if signal in ("residual", "modulated"):
         start = next(n for n in graph.nodes if n.name == hidden_in)
         with graph.inserting_before(out_node):

@@ -58,6 +58,7 @@ class RegionCache:
     continuous: int = 0
     accumulated: float = 0.0
     ran: dict = field(default_factory=dict)         # step -> ran? (the summary's block map)
+    last_ran: Optional[int] = None                  # PAB: the last step it computed
 
     def release(self) -> None:
         """Drop the activation-sized buffers; the block map stays."""
@@ -66,6 +67,7 @@ class RegionCache:
     def record(self, step: int, computed: bool) -> None:
         self.ran[step] = computed
         if computed:
+            self.last_ran = step
             self.continuous = 0
         else:
             self.cached += 1

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..options import DBCacheConfig, DBPruneConfig, FlexDBCacheConfig, TeaCacheConfig
+from ..options import DBCacheConfig, DBPruneConfig, FlexDBCacheConfig, PABConfig, TeaCacheConfig
 from ..plan import SplitPlan, l1_sums, probe_sums, ratio
 from .calibrators import lookup
 from .state import BranchState, RegionCache, RequestState
@@ -290,7 +290,47 @@ class TeaCache(DBCache):
         call.compute = self.all[compute]
 
 
-STRATEGIES = {DBCacheConfig: DBCache, DBPruneConfig: DBPrune, FlexDBCacheConfig: DBCache, TeaCacheConfig: TeaCache}
+class PAB(DBCache):
+    """Pyramid Attention Broadcast: each attention output (a region, ``passes.attention``) is
+    computed once every ``self_attention_range`` steps (self and joint attention) or
+    ``cross_attention_range`` steps (cross attention) and reused as it was in between; a range
+    under 2 computes every step. No signal: the gate only places the call. Warmup, cooldown
+    and "nothing cached yet" compute every attention."""
+
+    granularity = "attention"
+    signal = "none"
+
+    def __init__(self, config: PABConfig, plan: SplitPlan, blocks: list[str], model: str = ""):
+        super().__init__(config, plan, blocks)
+        self.ranges = {k: (config.cross_attention_range if plan.segments[k].attention == "cross"
+                           else config.self_attention_range) for k in plan.regions()}
+
+    def signal_inputs(self, branch: Optional[BranchState], like) -> tuple[list, bool]:
+        return [], False
+
+    def measure(self, branch: BranchState, hidden_out, residual) -> Optional[list]:
+        return None
+
+    def decide(self, call, branch: BranchState, step: int, signals: Signals, residual) -> None:
+        forced = self.step_forced(call.request, branch, step)
+        compute = list(self.all[True])
+        reused = 0
+        for k, every in self.ranges.items():
+            rc = branch.regions.get(k)
+            if rc is None:
+                rc = branch.regions[k] = RegionCache()
+            if (forced is None and every > 1 and rc.entries and rc.last_ran is not None
+                    and step - rc.last_ran < every):
+                compute[k] = False
+                reused += 1
+            rc.record(step, compute[k])
+        reason = forced[1] if forced is not None else (
+            f"{reused} of {len(self.ranges)} attention outputs broadcast" if reused else "every attention computes")
+        branch.record(step, reused == 0, reason, cached_status="broadcast")
+        call.compute = compute
+
+
+STRATEGIES = {DBCacheConfig: DBCache, DBPruneConfig: DBPrune, FlexDBCacheConfig: DBCache, TeaCacheConfig: TeaCache, PABConfig: PAB}
 
 
 def strategy_for(config) -> type:
@@ -298,4 +338,4 @@ def strategy_for(config) -> type:
     return lookup(STRATEGIES, config, "strategy handler")
 
 
-__all__ = ["DBCache", "DBPrune", "TeaCache", "STRATEGIES", "strategy_for", "RegionCache"]
+__all__ = ["DBCache", "DBPrune", "TeaCache", "PAB", "STRATEGIES", "strategy_for", "RegionCache"]

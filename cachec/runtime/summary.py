@@ -17,7 +17,7 @@ class BranchSummary:
     # predicted it) or "pruned" (DBPrune: some blocks skipped)
     status: dict[int, str] = field(default_factory=dict)
     blocks_run: dict[int, int] = field(default_factory=dict)       # DBPrune: step -> chain blocks that ran
-    block_map: dict[str, dict[int, bool]] = field(default_factory=dict)   # DBPrune: block -> step -> ran?
+    block_map: dict[str, dict[int, bool]] = field(default_factory=dict)   # DBPrune, PAB: region -> step -> ran?
 
 
 @dataclass
@@ -73,7 +73,7 @@ class CacheSummary:
             return "\n".join(lines + ["no call yet"])
         for name, b in self.branches.items():
             total = len(b.computed_steps) + len(b.cached_steps)
-            counts = {k: list(b.status.values()).count(k) for k in ("cached", "extrapolated", "pruned")}
+            counts = {k: list(b.status.values()).count(k) for k in ("cached", "extrapolated", "pruned", "broadcast")}
             line = f"  {name}: computed {len(b.computed_steps)}/{total}" + "".join(
                 f", {k} {v}" for k, v in counts.items() if v)
             if b.blocks_run:
@@ -103,11 +103,12 @@ class CacheSummary:
 
 
 def _block_map(branch: str, block_map: dict[str, dict[int, bool]], steps: int) -> list[str]:
-    """DBPrune: one row per prunable block, one column per step ('#' ran, '.' pruned)."""
+    """Per-region strategies: one row per block (DBPrune) or attention output (PAB), one column
+    per step ('#' ran, '.' reused)."""
     if not block_map:
         return []
     width = max(len(b) for b in block_map)
-    lines = [f"blocks x steps ({branch}): '#' ran, '.' pruned, ' ' not called",
+    lines = [f"regions x steps ({branch}): '#' ran, '.' reused (pruned, broadcast), ' ' not called",
              " " * (width + 2) + "".join(str(s % 10) for s in range(steps))]
     for block, ran in block_map.items():
         lines.append(f"{block:<{width}}  " + "".join(

@@ -1,0 +1,176 @@
+"""Attention outputs as regions: find them in the blocks and cut the graph around them (PAB).
+
+Pyramid Attention Broadcast reuses attention outputs across steps. The region of one
+attention is found by data flow, never by class names:
+
+* **its core**: a ``scaled_dot_product_attention`` call inside a chain block, and what
+  follows it only to reshape, cast, slice or project it: views, transposes, casts,
+  slices and splits, dropout, and the first linear on each path (the output projection);
+* **what only it needs**: walking back from the core, every node of the block whose
+  users all lie in the region (the q/k/v projections, their norms and rotary
+  embedding, the modulated norm that feeds only the attention).
+
+The region's outputs (the nodes it hands to the rest of the block) are reused as values
+on a broadcast step. An attention is **cross** attention where its keys do not depend
+on anything the block takes from the previous block (they come from the text
+embedding), **self** attention otherwise (joint text-image attention included).
+
+``split_attention`` cuts the graph into ``fn | mid | always | mid | ... | epilogue``: each
+region a "mid" segment, everything else in the "always" segment after the last region it
+depends on (so before every region that depends on it). The first segment is the gate's.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.split_module import split_module
+
+from ..plan import Segment, SplitPlan
+from .chain import BlockChain, NoBlockChain
+from .inputs import example_value
+
+__all__ = ["AttentionRegion", "find_attention_regions", "split_attention"]
+
+_PASS_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten", "to", "type",
+                 "type_as", "float", "half", "bfloat16", "split", "chunk", "narrow", "squeeze", "unsqueeze",
+                 "__getitem__", "split_with_sizes"}
+_PASS_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unflatten, torch.split,
+                   torch.chunk, torch.narrow, torch.squeeze, torch.unsqueeze, operator.getitem,
+                   torch.nn.functional.dropout, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.to}
+_LINEAR = {torch.nn.functional.linear, torch._C._nn.linear}
+
+
+def _is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "__name__", "") == "scaled_dot_product_attention"
+
+
+def _passes_through(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _PASS_METHODS
+    return node.op == "call_function" and node.target in _PASS_FUNCTIONS
+
+
+def _is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _LINEAR
+
+
+@dataclass
+class AttentionRegion:
+    block: int                 # chain index of the block it lies in
+    block_name: str
+    kind: str                  # "self" or "cross"
+    nodes: set                 # its fx nodes
+
+    @property
+    def label(self) -> str:
+        return f"{self.block_name} {self.kind}-attention"
+
+
+def _core(sdpa: fx.Node, inside: set) -> set:
+    """The attention call and what follows it only to reshape, cast, slice or project it."""
+    core, todo = {sdpa}, [(sdpa, False)]
+    while todo:
+        node, projected = todo.pop()
+        for user in node.users:
+            if user in core or user not in inside:
+                continue
+            if _passes_through(user):
+                core.add(user)
+                todo.append((user, projected))
+            elif _is_linear(user) and not projected and user.args[0] is node:
+                core.add(user)
+                todo.append((user, True))
+    return core
+
+
+def _grow(core: set, block_nodes: list) -> set:
+    """``core`` with every node of the block whose users all lie in the region."""
+    region = set(core)
+    for node in reversed(block_nodes):
+        if node in region or node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        if node.users and all(u in region for u in node.users):
+            region.add(node)
+    return region
+
+
+def _depends_on(node: fx.Node, sources: set, stop: int, pos: dict) -> bool:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in sources:
+            return True
+        if n in seen or pos[n] < stop:
+            continue
+        seen.add(n)
+        todo += n.all_input_nodes
+    return False
+
+
+def find_attention_regions(gm: fx.GraphModule, chain: BlockChain) -> list[AttentionRegion]:
+    """Every attention region of the chain's blocks, in graph order (module docstring)."""
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    regions: list[AttentionRegion] = []
+    for b, block in enumerate(chain.blocks):
+        block_nodes = nodes[block.first:block.last + 1]
+        inside = set(block_nodes)
+        taken: set = set()
+        for sdpa in (n for n in block_nodes if _is_sdpa(n)):
+            if sdpa in taken:
+                continue
+            region = _grow(_core(sdpa, inside), block_nodes) - taken
+            taken |= region
+            key = sdpa.args[1] if len(sdpa.args) > 1 else sdpa.kwargs.get("key")
+            carried = set(chain.carried_in[b])
+            cross = isinstance(key, fx.Node) and not _depends_on(key, carried, block.first, pos)
+            regions.append(AttentionRegion(b, block.name, "cross" if cross else "self", region))
+    return regions
+
+
+def split_attention(gm: fx.GraphModule, chain: BlockChain, regions: list[AttentionRegion]) -> SplitPlan:
+    """Cut ``gm`` around the attention regions (module docstring). Raises ``NoBlockChain``
+    where there is none. Guarantees: region k is segment 2k + 1 when no segment is empty;
+    each non-region node runs in the first segment after every region it depends on."""
+    if not regions:
+        raise NoBlockChain("no scaled_dot_product_attention call inside the chain's blocks")
+    nodes = list(gm.graph.nodes)
+    region_of = {n: k for k, r in enumerate(regions) for n in r.nodes}
+    after: dict[fx.Node, int] = {}        # node -> the last region it depends on (-1: none)
+    for n in nodes:
+        if n in region_of:
+            after[n] = region_of[n]
+        else:
+            after[n] = max((after[a] for a in n.all_input_nodes), default=-1)
+    for n, k in region_of.items():        # a region reads only what runs before it
+        bad = [a for a in n.all_input_nodes if a not in region_of and after[a] >= k]
+        if bad:
+            raise NoBlockChain(f"attention region of {regions[k].block_name} reads {bad[0].name}, made after it")
+
+    def partition(node: fx.Node) -> int:
+        k = region_of.get(node)
+        return 2 * k + 1 if k is not None else 2 * (after[node] + 1)
+
+    parent = split_module(gm, None, partition, keep_original_order=True, keep_original_node_name=True,
+                          tuple_return=True)
+    calls = {int(c.target.rsplit("_", 1)[1]): c for c in parent.graph.nodes if c.op == "call_module"}
+    last = max(calls)
+    segments = []
+    for p in sorted(calls):
+        sub = getattr(parent, calls[p].target)
+        ins = [x.name for x in sub.graph.find_nodes(op="placeholder")]
+        outs = [a.name for a in next(iter(sub.graph.find_nodes(op="output"))).args[0]]
+        if p % 2:
+            r = regions[p // 2]
+            seg = Segment("mid", [r.block_name], calls[p].target, ins, outs, [None] * len(outs), attention=r.kind)
+        else:
+            kind = "fn" if not segments else ("epilogue" if p == last else "always")
+            seg = Segment(kind, [], calls[p].target, ins, outs)
+        segments.append(seg)
+    if segments[0].kind != "fn":
+        raise NoBlockChain("the graph starts inside an attention region")
+    values = {n.name: example_value(n) for n in nodes}
+    return SplitPlan(parent, segments, 0, chain.hidden_in.name, None, values)
