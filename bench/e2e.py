@@ -25,10 +25,10 @@ cachec options and the cache-dit kwargs of each; F1B0, warmup 4, max 3 cached st
   dynamic caches a mask's 0-step only when the DBCache gate (r = 0.24) agrees, static outright;
 * ``DBPrune``: r = 0.06, 0.1, 0.16 (0.04 prunes nothing on this model, 0.16 all that warmup and
   max_continuous_cached_steps allow);
-* ``FlexCache teacache``, ``FlexCache pab``, ``FlexCache dbcache``: FlexCache's one knob, cache_ratio =
+* ``FlexCache teacache``, ``pab``, ``ditango``, ``dbcache``: FlexCache's one knob, cache_ratio =
   0 ... 1 with its default warmup 1 and cooldown 1 (cachec only: neither cache-dit nor diffusers has the
-  knob or TeaCache; diffusers' PAB hook is left out here). For PAB, computed counts the steps where every
-  attention computed.
+  knob, TeaCache or DiTango; diffusers' PAB hook is left out here). For PAB and DiTango, computed counts
+  the steps where every attention output (head group) computed.
 
 plus diffusers ``FirstBlockCache`` (the DBCache thresholds, threshold only) and diffusers
 ``TaylorSeerCacheConfig`` (fixed interval), both under ``torch.compile``. cache-dit runs under its
@@ -188,6 +188,7 @@ STRATEGIES = (
              diffusers="no block pruning in diffusers' hooks", feature="DBPrune", counts="blocks"),
     _flex("teacache"),
     _flex("pab"),
+    _flex("ditango"),
     _flex("dbcache"),
 )
 

@@ -95,6 +95,14 @@ def _model_state(opts: BackendOptions, module: Optional[torch.nn.Module]) -> Mod
     return state
 
 
+def _region_label(seg) -> str:
+    """How the summary names a region: its blocks, the attention it holds, or its heads."""
+    label = "+".join(seg.blocks)
+    if seg.heads is not None:
+        return f"{label} attention {seg.heads[4]} heads {seg.heads[1]}-{seg.heads[2] - 1}"
+    return f"{label} {seg.attention}-attention" if seg.attention else label
+
+
 def _check_whole(chain, module: Optional[torch.nn.Module]) -> None:
     if module is None:
         return
@@ -313,7 +321,8 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
     strategy = strategy_for(cfg)
     try:
         inputs, chain, plan, (measured, fallback) = plan_graph(gm, cfg.Fn_compute_blocks, cfg.Bn_compute_blocks,
-                                                   strategy.granularity, strategy.signal)
+                                                               strategy.granularity, strategy.signal,
+                                                               getattr(cfg, "head_groups", 1))
         _check_whole(chain, module)
     except NoBlockChain as why:
         if opts.strict:
@@ -330,11 +339,9 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
         "gate_input": measured,
         "blocks": chain.names,
         "segments": [(s.kind, list(s.blocks)) for s in plan.segments],
-        "unpaired": plan.unpaired() if strategy.granularity != "attention" else [],   # PAB: all of them
+        "unpaired": plan.unpaired() if strategy.granularity in ("stretch", "block") else [],   # PAB: all of them
         "unproven": dict(plan.unproven),
-        "regions": {k: "+".join(plan.segments[k].blocks) + (f" {plan.segments[k].attention}-attention"
-                                                            if plan.segments[k].attention else "")
-                    for k in plan.regions()},
+        "regions": {k: _region_label(plan.segments[k]) for k in plan.regions()},
     }
     fake_mode = detect_fake_mode(example_inputs) or TracingContext.get().fake_mode
     shared = [0, 0]

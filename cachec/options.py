@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-__all__ = ["DBCacheConfig", "DBPruneConfig", "TeaCacheConfig", "PABConfig", "FlexCacheConfig", "TaylorSeerCalibratorConfig",
+__all__ = ["DBCacheConfig", "DBPruneConfig", "TeaCacheConfig", "PABConfig", "DiTangoConfig", "FlexCacheConfig", "TaylorSeerCalibratorConfig",
            "FoCaCalibratorConfig", "BackendOptions", "parse_options", "steps_mask", "INNER_BACKENDS"]
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
@@ -319,7 +319,7 @@ CACHE_TYPES: dict = {"dbcache": DBCacheConfig, "dbprune": DBPruneConfig}   # Tea
 # ------------------------------------------------------------------------------------- FlexCache
 
 FLEX_STRATEGIES = ("dbcache", "teacache", "pab", "ditango")
-FLEX_LANDED = ("dbcache", "teacache", "pab")   # the strategies this version runs; the rest raise "not supported yet"
+FLEX_LANDED = FLEX_STRATEGIES   # the strategies this version runs; the rest raise "not supported yet"
 # TeaCache's threshold on the accumulated rescaled change, from cache_ratio c: 0.08 + c * (0.35 - 0.08)
 TEACACHE_RANGE = (0.08, 0.35)
 # The rescale polynomials TeaCache's authors published (highest power first, numpy.poly1d order),
@@ -470,6 +470,39 @@ _PAB_DEFAULTS = {"Fn_compute_blocks": 0, "max_continuous_cached_steps": -1}
 
 
 @dataclass(frozen=True)
+class DiTangoConfig(PABConfig):
+    """DiTango on one device: attention work per (layer, head group) is reused while its error
+    estimate stays under the ``cache_ratio``-quantile of the estimates seen so far in the
+    generation; an anchor step recomputes everything once the mean estimate passes
+    ``0.6 * cache_ratio``. The CFG branches of a step share one decision.
+
+    The estimate of a group is the relative L1 change of its queries since the step it last
+    computed, measured on the device during a call and read with the next call's one host
+    read, extrapolated one step along its own rate. The decision map (step x layer-group) is
+    written to ``<output_dir>/ditango_policy_step_layer_group.ppm`` and ``.png`` at each
+    generation's last step, where ``output_dir`` is set.
+    """
+
+    cache_ratio: float = _opt(0.25, _ratio, "0.0 quality first ... 1.0 speed first: the quantile and the anchor")
+    head_groups: int = _opt(2, _int_at_least(1), "groups of heads per attention call (at most the heads)")
+    output_dir: Optional[str] = _opt(None, _opt_dir, "where the decision map is written (None: not written)")
+    self_attention_range: int = _opt(0, _int_at_least(0), "unused by DiTango: 0")
+    cross_attention_range: int = _opt(0, _int_at_least(0), "unused by DiTango: 0")
+
+    cache_type = "DiTango"
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("self_attention_range", "cross_attention_range"):
+            if getattr(self, name) != 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} does not apply to DiTango: it decides per head "
+                                 f"group from error estimates; leave it at 0")
+
+    def short_name(self) -> str:
+        return f"DiTango_c{self.cache_ratio:g}G{self.head_groups}W{self.max_warmup_steps}C{self.cooldown}"
+
+
+@dataclass(frozen=True)
 class FlexCacheConfig:
     """Smart-Diffusion's FlexCache API: one knob for every strategy.
 
@@ -483,7 +516,8 @@ class FlexCacheConfig:
       changes less than ``0.08 + c * (0.35 - 0.08)``, at most ``1 + round(4c)`` steps in a row;
     * ``"pab"``: attention outputs, self-attention computed once every ``round(10c)`` steps and
       cross-attention once every ``round(round(10c) * 5 / 3)`` (``PABConfig``);
-    * ``"ditango"``: not in this version yet.
+    * ``"ditango"``: attention work per (layer, head group), reused under the c-quantile of its
+      error estimates, with anchors past ``0.6c`` (``DiTangoConfig``; ``output_dir`` for its map).
 
     ``resolve()`` gives the strategy config the runtime runs (``TeaCacheConfig``, ...).
     """
@@ -525,6 +559,9 @@ class FlexCacheConfig:
             return PABConfig(self_attention_range=self_range, cross_attention_range=round(self_range * 5 / 3),
                              max_warmup_steps=self.warmup, cooldown=self.cooldown,
                              num_inference_steps=self.num_inference_steps)
+        if self.strategy == "ditango":
+            return DiTangoConfig(cache_ratio=c, max_warmup_steps=self.warmup, cooldown=self.cooldown,
+                                 num_inference_steps=self.num_inference_steps, output_dir=self.output_dir)
         lo, hi = FLEX_DBCACHE_RANGE
         return FlexDBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=round(lo + c * (hi - lo), 6),
                                  max_warmup_steps=self.warmup, max_continuous_cached_steps=1 + round(4 * c),
@@ -537,8 +574,10 @@ FLEX_ONLY_KEYS = tuple(k for k in FLEX_KEYS if k != "num_inference_steps")
 LEGACY_FLEX_KEY = "flexcache"
 CACHE_TYPES["teacache"] = TeaCacheConfig
 CACHE_TYPES["pab"] = PABConfig
+CACHE_TYPES["ditango"] = DiTangoConfig
 # the keys of TeaCacheConfig and PABConfig beyond DBCache's (with cache_type="TeaCache" / "PAB")
-TEA_KEYS = ("cooldown", "teacache_coefficients", "self_attention_range", "cross_attention_range")
+TEA_KEYS = ("cooldown", "teacache_coefficients", "self_attention_range", "cross_attention_range", "head_groups",
+            "output_dir")
 
 
 def _calibrator_check(self) -> None:

@@ -52,6 +52,8 @@ class Segment:
     hidden_out: Optional[int] = None
     # attention-output regions (PAB): "self" or "cross"; None for regions of blocks
     attention: Optional[str] = None
+    # head-group regions (DiTango): (query node name, first head, end head, group index, attention ordinal)
+    heads: Optional[tuple] = None
 
 
 @dataclass

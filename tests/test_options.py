@@ -71,8 +71,7 @@ def test_misspelled_keys_get_a_did_you_mean(key, junk):
 def test_unknown_and_planned_keys():
     with pytest.raises(ValueError, match=r"unknown option 'zzz' \(allowed:"):
         parse_options({"zzz": 1})
-    with pytest.raises(ValueError, match="strategy='ditango' is not supported yet.*'dbcache', 'teacache', 'pab'"):
-        parse_options({"strategy": "DiTango"})
+    assert parse_options({"strategy": "DiTango"}).cache_config.cache_type == "DiTango"
     with pytest.raises(ValueError, match=r"inner_backend='tvm'.*\('inductor', 'aot_eager', 'eager'\)"):
         parse_options({"inner_backend": "tvm"})
 
@@ -197,10 +196,10 @@ def test_prune_keys_without_cache_type_say_how_to_prune(key):
 
 @given(value=st.one_of(st.text(max_size=4), st.integers(), st.none()))
 def test_cache_type_names_the_strategies(value):
-    if isinstance(value, str) and value.lower() in ("dbcache", "dbprune", "teacache", "pab"):
+    if isinstance(value, str) and value.lower() in ("dbcache", "dbprune", "teacache", "pab", "ditango"):
         assert parse_options({"cache_type": value}).cache_config.cache_type.lower() == value.lower()
         return
-    with pytest.raises(ValueError, match=r"cache_type=.* expected one of \['DBCache', 'DBPrune', 'TeaCache', 'PAB'\]"):
+    with pytest.raises(ValueError, match=r"cache_type=.* expected one of \['DBCache', 'DBPrune', 'TeaCache', 'PAB', 'DiTango'\]"):
         parse_options({"cache_type": value})
 
 

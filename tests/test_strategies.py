@@ -24,7 +24,10 @@ PATTERN_RETURNS = {0: ("h", "e"), 1: ("e", "h"), 2: ("h",), 3: ("h",), 4: ("h", 
 
 
 def test_one_table_maps_each_config_to_its_handler():
-    assert STRATEGIES == {DBCacheConfig: DBCache, DBPruneConfig: DBPrune}
+    from cachec.options import DiTangoConfig, FlexDBCacheConfig, PABConfig, TeaCacheConfig
+    from cachec.runtime.strategies import PAB, DiTango, TeaCache
+    assert STRATEGIES == {DBCacheConfig: DBCache, DBPruneConfig: DBPrune, TeaCacheConfig: TeaCache,
+                          FlexDBCacheConfig: DBCache, PABConfig: PAB, DiTangoConfig: DiTango}
     assert CALIBRATORS == {TaylorSeerCalibratorConfig: TaylorSeer, FoCaCalibratorConfig: FoCa}
     with pytest.raises(ValueError, match="no calibrator for int"):
         calibrator_for(3)

@@ -22,7 +22,7 @@ from ..plan import Segment, SplitPlan
 from .split import split_chain
 from .residuals import fuse_gate_signals, fuse_residuals
 from .modulated import copy_before_chain, find_modulated_input
-from .attention import find_attention_regions, split_attention
+from .attention import find_attention_regions, split_attention, split_heads
 
 __all__ = [
     "GraphInputs", "find_graph_inputs", "Block", "BlockLoop", "find_block_loops",
@@ -31,12 +31,13 @@ __all__ = [
 ]
 
 
-def plan_graph(gm, Fn: int, Bn: int, granularity: str = "stretch", signal: str = "residual"):
+def plan_graph(gm, Fn: int, Bn: int, granularity: str = "stretch", signal: str = "residual", head_groups: int = 1):
     """Run the passes in order; raise ``NoBlockChain`` when the graph has no chain.
 
     ``granularity`` is what the strategy gates: "stretch" (the middle in as few
-    regions as the chain allows), "block" (one region per middle block) or "attention"
-    (one region per attention output, ``passes.attention``).
+    regions as the chain allows), "block" (one region per middle block), "attention"
+    (one region per attention output, ``passes.attention``) or "heads" (one per group of
+    ``head_groups`` heads of each attention call).
     ``signal="modulated"`` (TeaCache) first copies block 0's modulated input in front
     of the chain (``passes.modulated``), where the gate measures it; where the graph
     has none, the gate measures the hidden states entering block 0 and the returned
@@ -47,6 +48,8 @@ def plan_graph(gm, Fn: int, Bn: int, granularity: str = "stretch", signal: str =
     chain = find_block_chain(gm, loops, inputs)
     if granularity == "attention":   # PAB: attention outputs are the regions
         return inputs, chain, split_attention(gm, chain, find_attention_regions(gm, chain)), (None, None)
+    if granularity == "heads":       # DiTango: each group of heads of each attention is a region
+        return inputs, chain, split_attention(gm, chain, split_heads(gm, chain, head_groups)), (None, None)
     gate_node, fallback, measured = None, None, None
     if signal == "modulated":
         node = find_modulated_input(gm, chain, inputs)

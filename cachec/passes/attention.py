@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -32,7 +33,7 @@ from ..plan import Segment, SplitPlan
 from .chain import BlockChain, NoBlockChain
 from .inputs import example_value
 
-__all__ = ["AttentionRegion", "find_attention_regions", "split_attention"]
+__all__ = ["AttentionRegion", "find_attention_regions", "split_attention", "split_heads"]
 
 _PASS_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten", "to", "type",
                  "type_as", "float", "half", "bfloat16", "split", "chunk", "narrow", "squeeze", "unsqueeze",
@@ -63,10 +64,93 @@ class AttentionRegion:
     block_name: str
     kind: str                  # "self" or "cross"
     nodes: set                 # its fx nodes
+    # DiTango's head groups: (name of the query node it slices, first head, end head, group index,
+    # which attention call of the block it belongs to)
+    heads: Optional[tuple] = None
 
     @property
     def label(self) -> str:
+        if self.heads is not None:
+            return f"{self.block_name} attention {self.heads[4]} heads {self.heads[1]}-{self.heads[2] - 1}"
         return f"{self.block_name} {self.kind}-attention"
+
+
+def _qkv(sdpa: fx.Node) -> list:
+    names = ("query", "key", "value")
+    return [sdpa.args[i] if len(sdpa.args) > i else sdpa.kwargs.get(n) for i, n in enumerate(names)]
+
+
+def _fake(node: fx.Node, fn, *args, **kwargs):
+    """Run ``fn`` on the fake values of fx ``args`` under their fake mode: the new node's value."""
+    vals, kw = fx.node.map_arg((args, kwargs), example_value)
+    mode = next(v.fake_mode for v in torch.utils._pytree.tree_leaves(vals) if hasattr(v, "fake_mode"))
+    with mode:
+        return fn(*vals, **kw)
+
+
+def split_heads(gm: fx.GraphModule, chain: BlockChain, groups: int) -> list[AttentionRegion]:
+    """DiTango's regions: each attention call in the chain's blocks becomes one call per group of
+    heads (``q[:, h0:h1]`` against the same heads of k and v, the mask sliced where it has a head
+    dimension) whose outputs are joined again along the heads; each group's slices and call are a
+    region. The group count is the largest divisor of the head count up to ``groups``. Attention
+    with fewer key heads than query heads (grouped-query) stays one group."""
+    regions: list[AttentionRegion] = []
+    graph = gm.graph
+    for b, block in enumerate(chain.blocks):
+        block_nodes = [n for n in graph.nodes if _in_block(n, block.name)]
+        for ordinal, sdpa in enumerate([n for n in block_nodes if _is_sdpa(n)]):
+            q, k, v = _qkv(sdpa)
+            qv, kv, vv = (example_value(x) if isinstance(x, fx.Node) else None for x in (q, k, v))
+            if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (qv, kv, vv)):
+                continue
+            heads = qv.shape[1]
+            if not isinstance(heads, int) or kv.shape[1] != heads or vv.shape[1] != heads:
+                continue
+            g = max(d for d in range(1, min(groups, heads) + 1) if heads % d == 0)
+            mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
+            mv = example_value(mask) if isinstance(mask, fx.Node) else None
+            rest = {k2: v2 for k2, v2 in sdpa.kwargs.items() if k2 not in ("query", "key", "value", "attn_mask")}
+            outs = []
+            step = heads // g
+            with graph.inserting_before(sdpa):
+                for j in range(g):
+                    h0, h1 = j * step, (j + 1) * step
+                    parts = []
+                    for x in (q, k, v) + ((mask,) if isinstance(mv, torch.Tensor) and mv.dim() == 4
+                                            and mv.shape[1] == heads else ()):
+                        sl = graph.call_function(operator.getitem, (x, (slice(None), slice(h0, h1))))
+                        sl.meta = _meta(sdpa, _fake(sdpa, operator.getitem, x, (slice(None), slice(h0, h1))))
+                        parts.append(sl)
+                    kwargs = dict(rest)
+                    if isinstance(mask, fx.Node):
+                        kwargs["attn_mask"] = parts[3] if len(parts) > 3 else mask
+                    call = graph.call_function(torch.nn.functional.scaled_dot_product_attention, tuple(parts[:3]),
+                                               kwargs)
+                    call.meta = _meta(sdpa, _fake(sdpa, torch.nn.functional.scaled_dot_product_attention,
+                                                  *parts[:3], **kwargs))
+                    outs.append(call)
+                    regions.append(AttentionRegion(b, block.name, "self", set(parts) | {call},
+                                                   (q.name, h0, h1, j, ordinal)))
+                joined = graph.call_function(torch.cat, (outs,), {"dim": 1})
+                joined.meta = _meta(sdpa, _fake(sdpa, torch.cat, outs, dim=1))
+            sdpa.replace_all_uses_with(joined)
+            graph.erase_node(sdpa)
+    graph.lint()
+    gm.recompile()
+    return regions
+
+
+def _meta(like: fx.Node, value) -> dict:
+    meta = {k: v for k, v in like.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
+    meta["example_value"] = value
+    meta["val"] = value
+    return meta
+
+
+def _in_block(node: fx.Node, name: str) -> bool:
+    from .loops import outermost_item
+    item = outermost_item(node)
+    return item is not None and f"{item[0]}.{item[1]}" == name
 
 
 def _core(sdpa: fx.Node, inside: set) -> set:
@@ -165,7 +249,8 @@ def split_attention(gm: fx.GraphModule, chain: BlockChain, regions: list[Attenti
         outs = [a.name for a in next(iter(sub.graph.find_nodes(op="output"))).args[0]]
         if p % 2:
             r = regions[p // 2]
-            seg = Segment("mid", [r.block_name], calls[p].target, ins, outs, [None] * len(outs), attention=r.kind)
+            seg = Segment("mid", [r.block_name], calls[p].target, ins, outs, [None] * len(outs), attention=r.kind,
+                          heads=r.heads)
         else:
             kind = "fn" if not segments else ("epilogue" if p == last else "always")
             seg = Segment(kind, [], calls[p].target, ins, outs)

@@ -31,6 +31,7 @@ class _Call(threading.local):
         self.step = 0
         self.branch: Optional[BranchState] = None
         self.compute: list = [True] * n_segments          # per segment index: does this region compute?
+        self.pending: list = []                           # lagged signals measured during this call
 
 
 class FnGate:
@@ -65,6 +66,9 @@ class FnGate:
         guess = call.guess
         extra, measurable = strategy.signal_inputs(guess, self.like or args[self.hidden_in])
         outs, residual, sums = self.layout.split(self.run(*args, *extra))
+        if strategy.lagged:   # measured during the request's previous call: read in this call's one sync
+            sums, state.pending = state.pending, None
+            measurable = sums is not None
         t, read = None, None
         if state.needs_timestep(call.context) and call.timesteps:
             values = _read([*call.timesteps, sums] if measurable else call.timesteps)
@@ -78,6 +82,8 @@ class FnGate:
             b.plan = call.plan
 
         def signals() -> Optional[list]:
+            if strategy.lagged:
+                return read if read is not None else (sums.flatten().tolist() if sums is not None else None)
             if b is guess and measurable:
                 return read if read is not None else sums.flatten().tolist()
             return strategy.measure(b, None if self.hidden_out is None else outs[self.hidden_out], residual)
@@ -129,10 +135,13 @@ class Region:
         self.combine = combine or [None] * self.n_outputs
         # per-block strategies: (hidden input index, position of its residual among the residuals)
         self.hidden = hidden
+        self.measure: Optional[Callable] = None   # DiTango: a layer's measurement, before it runs
 
     def __call__(self, *args):
         call = self.call
         b = call.branch
+        if self.measure is not None:
+            self.measure(call, self.index, args)
         if call.compute[self.index]:
             outs, residuals = split_region_outputs(self.run(*args), self.n_outputs)
             self._store(b, args, outs, residuals, call.step)
@@ -220,6 +229,8 @@ class CachedGraph:
                     paired = [m for m, j in enumerate(seg.residual_of) if j is not None]
                     hidden = (seg.hidden_in, paired.index(seg.hidden_out))
                 mod = Region(run, k, seg.residual_of, self.call, calibrators, combine, hidden)
+                if strategy.lagged and k in strategy.layers:
+                    mod.measure = strategy.measure_layer
             else:
                 mod = run
             plan.parent._modules.pop(seg.module_name, None)
@@ -266,7 +277,10 @@ class CachedGraph:
         call.timesteps = self._timesteps(rs, args) if rs.needs_timestep(call.context) else []
         call.shape_key = tuple(tuple(args[i].shape) for i in self.shape_inputs)
         call.guess = rs.predict(call.context, call.shape_key)
+        call.pending = []
         out = self.run(*args)
+        if call.pending:
+            rs.pending = torch.cat(call.pending)
         if rs.last_step is not None and call.step >= rs.last_step:
             rs.end_call(call.branch)
             if rs.finished:

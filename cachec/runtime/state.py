@@ -160,6 +160,8 @@ class RequestState:
         # named calls
         self.first_step_index: Optional[int] = None
         self.last_step: Optional[int] = None         # the generation's last step, where its step count is known
+        self.shared: dict = {}                        # a strategy's state shared by the branches (DiTango)
+        self.pending: Optional[torch.Tensor] = None   # signals measured during the last call, read with the next
         self.finished = False                        # every branch made its last call: buffers freed
 
     def end_call(self, branch: BranchState) -> None:

@@ -18,12 +18,13 @@ the same way under every strategy. docs/design.md ("Strategies") has the rules.
 """
 from __future__ import annotations
 
+import bisect
 import warnings
 from typing import Callable, Optional
 
 import torch
 
-from ..options import DBCacheConfig, DBPruneConfig, FlexDBCacheConfig, PABConfig, TeaCacheConfig
+from ..options import DBCacheConfig, DBPruneConfig, DiTangoConfig, FlexDBCacheConfig, PABConfig, TeaCacheConfig
 from ..plan import SplitPlan, l1_sums, probe_sums, ratio
 from .calibrators import lookup
 from .state import BranchState, RegionCache, RequestState
@@ -37,6 +38,7 @@ class DBCache:
     granularity = "stretch"
     signal = "residual"
     stores_inputs = False
+    lagged = False   # signals measured during a call and read with the next call's sync (DiTango)
 
     def __init__(self, config: DBCacheConfig, plan: SplitPlan, blocks: list[str], model: str = ""):
         self.config = config
@@ -330,7 +332,150 @@ class PAB(DBCache):
         call.compute = compute
 
 
-STRATEGIES = {DBCacheConfig: DBCache, DBPruneConfig: DBPrune, FlexDBCacheConfig: DBCache, TeaCacheConfig: TeaCache, PABConfig: PAB}
+class DiTango(PAB):
+    """DiTango on one device: each (layer, head group) of attention work is a region
+    (``passes.attention.split_heads``), reused while its error estimate stays under the
+    ``cache_ratio``-quantile of the estimates seen so far in the generation.
+
+    **The estimate.** During a call, each layer measures on the device, per group, the
+    relative L1 change of its queries since the step the group last computed (partial
+    sums, one ``(groups, 2)`` tensor per layer); the branch keeps each group's queries of
+    that step. The sums reach the host with the next call's one read, so a step decides
+    from what the step before it measured, extrapolated one step along each group's rate:
+    ``e * (n + 1) / n`` for a group reused for the last n steps, ``e / n`` for one that
+    computed at the last step after n steps.
+
+    **The decision** (made by a step's first branch, shared by its other CFG branches):
+    warmup, cooldown and "nothing cached yet" compute everything; so does an **anchor**
+    step, when the mean estimate passes ``0.6 * cache_ratio`` (``cache_ratio`` 0 anchors every
+    step); otherwise a group reuses its output when its estimate is under the quantile.
+    """
+
+    granularity = "heads"
+    lagged = True
+
+    def __init__(self, config: DiTangoConfig, plan: SplitPlan, blocks: list[str], model: str = ""):
+        DBCache.__init__(self, config, plan, blocks)
+        self.order = plan.regions()
+        self.ratio = config.cache_ratio
+        self.output_dir = config.output_dir
+        # per layer: its first group's region (which measures for the layer), the query's input
+        # index there, and each group's (region, first head, end head)
+        self.layers: dict[int, tuple[int, list]] = {}
+        leaders: dict[tuple, int] = {}
+        for k in self.order:
+            seg = plan.segments[k]
+            query, h0, h1 = seg.heads[:3]
+            lead = leaders.setdefault((seg.blocks[0], query), k)
+            if lead == k:
+                self.layers[k] = (seg.input_names.index(query), [])
+            self.layers[lead][1].append((k, h0, h1))
+        self.layer_starts = {self.order.index(k) for k in self.layers}
+        self.warned_map = False
+
+    def measure_layer(self, call, leader: int, args) -> None:
+        """Before the layer's first group runs: this layer's per-group change of the queries
+        since each group last computed (sums, for the next call's read), then the stored
+        queries of the groups computing now."""
+        q_index, groups = self.layers[leader]
+        q = args[q_index]
+        rc = call.branch.regions[leader]
+        ref = rc.input
+        if ref is None or ref.shape != q.shape or ref.dtype != q.dtype:
+            rc.input = q.detach().clone(memory_format=torch.contiguous_format)
+            call.pending.append(torch.zeros((len(groups), 2), dtype=torch.float32, device=q.device))
+            return
+        diff = (q - ref).abs().sum(dim=(0, 2, 3), dtype=torch.float32)
+        base = ref.abs().sum(dim=(0, 2, 3), dtype=torch.float32)
+        call.pending.append(torch.stack([diff, base], 1).view(len(groups), -1, 2).sum(1))
+        for k, h0, h1 in groups:
+            if call.compute[k]:
+                ref[:, h0:h1].copy_(q[:, h0:h1])
+
+    def decide(self, call, branch: BranchState, step: int, signals: Signals, residual) -> None:
+        rs = call.request
+        shared = rs.shared
+        if shared.get("step") != step:   # the step's first branch decides for every branch
+            shared["step"] = step
+            shared["decision"] = self._decide_step(rs, branch, step, signals)
+        want, reason = shared["decision"]
+        compute = list(self.all[True])
+        reused = 0
+        for k in self.order:
+            rc = branch.regions.get(k)
+            if rc is None:
+                rc = branch.regions[k] = RegionCache()
+            if not want[k] and rc.entries:
+                compute[k] = False
+                reused += 1
+            rc.record(step, compute[k])
+        branch.record(step, reused == 0, reason, cached_status="reused")
+        call.compute = compute
+
+    def _decide_step(self, rs: RequestState, branch: BranchState, step: int, signals: Signals) -> tuple[dict, str]:
+        sh = rs.shared
+        history, recent, before = sh.setdefault("history", []), sh.setdefault("recent", {}), sh.setdefault("before", {})
+        sums = signals() if step > 0 else None   # at step 0 they are the last generation's
+        estimate = {}
+        if sums and len(sums) == 2 * len(self.order):
+            for i, k in enumerate(self.order):
+                e = ratio(sums[2 * i], sums[2 * i + 1])
+                if e > 0:
+                    bisect.insort(history, e)
+                last = recent.get(k)
+                if last is None:
+                    continue
+                if last == step - 1:      # it computed at the last step: one step of its rate
+                    n = max(1, last - before.get(k, last - 1))
+                    estimate[k] = e / n
+                else:
+                    n = max(1, step - 1 - last)
+                    estimate[k] = e * (n + 1) / n
+        forced = self.step_forced(rs, branch, step)
+        mean = sum(estimate.values()) / len(estimate) if estimate else 0.0
+        if forced is None and self.ratio <= 0:
+            forced = (True, "cache_ratio 0")
+        if forced is None and (not estimate or not history):
+            forced = (True, "no estimate yet")
+        if forced is None and mean > 0.6 * self.ratio:
+            forced = (True, f"anchor: mean estimate {mean:.3f} > 0.6 x {self.ratio:g}")
+        if forced is not None and forced[0]:
+            want = {k: True for k in self.order}
+            reason = forced[1]
+        else:
+            tau = history[min(len(history) - 1, int(self.ratio * len(history)))]
+            want = {k: not (k in estimate and estimate[k] < tau) for k in self.order}
+            reused = sum(not w for w in want.values())
+            reason = f"{reused} of {len(self.order)} head groups reused (quantile {tau:.3f})"
+        for k, w in want.items():
+            if w:
+                before[k], recent[k] = recent.get(k, step - 1), step
+        self._map(rs, step, want, forced is not None)
+        return want, reason
+
+    def _map(self, rs: RequestState, step: int, want: dict, anchor: bool) -> None:
+        """Keep the step's row of the decision map; write the map at the generation's last step."""
+        if self.output_dir is None:
+            return
+        rows = rs.shared.setdefault("map", {})
+        rows[step] = ["anchor" if anchor else ("computed" if want[k] else "reused") for k in self.order]
+        if rs.last_step is None:
+            if not self.warned_map:
+                self.warned_map = True
+                from ..backend import CachecWarning
+                warnings.warn(f"cachec: DiTango writes its decision map to {self.output_dir!r} at a generation's "
+                              f"last step, which this pipeline does not tell: pass num_inference_steps in the "
+                              f"options (or cachec.refresh(model, num_inference_steps=N))", CachecWarning,
+                              stacklevel=4)
+            return
+        if step == rs.last_step:
+            from .policy_map import write_policy_map
+            full = [rows.get(s, ["anchor"] * len(self.order)) for s in range(step + 1)]
+            write_policy_map(self.output_dir, full, self.layer_starts)
+
+
+STRATEGIES = {DBCacheConfig: DBCache, DBPruneConfig: DBPrune, FlexDBCacheConfig: DBCache, TeaCacheConfig: TeaCache, PABConfig: PAB,
+              DiTangoConfig: DiTango}
 
 
 def strategy_for(config) -> type:
@@ -338,4 +483,4 @@ def strategy_for(config) -> type:
     return lookup(STRATEGIES, config, "strategy handler")
 
 
-__all__ = ["DBCache", "DBPrune", "TeaCache", "PAB", "STRATEGIES", "strategy_for", "RegionCache"]
+__all__ = ["DBCache", "DBPrune", "TeaCache", "PAB", "DiTango", "STRATEGIES", "strategy_for", "RegionCache"]
