@@ -479,3 +479,35 @@ def test_ditango_writes_its_decision_map(tmp_path, digits_model):
     from cachec.runtime.policy_map import COLOURS
     assert first_row == {COLOURS["anchor"]}   # step 0 is warmup: everything computes
     assert tuple(COLOURS["reused"]) in {tuple(body[i:i + 3]) for i in range(0, len(body), 3)}
+
+
+@pytest.mark.parametrize("strategy", ["pab", "ditango"])
+def test_attention_regions_compile_through_aot_autograd(strategy):
+    """A chunk of the modulation (a tuple) made before an attention region and read after it must
+    not cross segments as a tuple: AOTAutograd rejects such a segment output (seen on FLUX)."""
+    case = tiny_models.build("flux")
+    ts = [1 - i / 4 for i in range(4)]
+    outs = {}
+    for inner in ("eager", "aot_eager"):
+        torch._dynamo.reset()
+        compiled = torch.compile(case.model, backend="cachec", options={
+            "inner_backend": inner, "strategy": strategy, "cache_ratio": 0.3, "num_inference_steps": 4})
+        with torch.no_grad():
+            outs[inner] = [compiled(**case.inputs(t))[0] for t in ts]
+    for a, b in zip(outs["eager"], outs["aot_eager"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cooldown_needs_a_step_count_and_follows_flexcache_rule_when_it_comes():
+    model, compiled = _compile_toy(cache_type="TeaCache", residual_diff_threshold=0.5, cooldown=1)
+    x = torch.ones(1, 4, 8)
+    with pytest.warns(cachec.CachecWarning, match="cooldown=1 needs the generation's step count"), torch.no_grad():
+        compiled(x, torch.tensor([900.0]))   # a warmup step
+        compiled(x, torch.tensor([800.0]))
+    rule = r"warmup=1 \+ cooldown=1 must be < num_inference_steps=2"   # nothing left to cache
+    with pytest.raises(ValueError, match=rule):
+        cachec.refresh(compiled, num_inference_steps=2)
+    with pytest.raises(ValueError, match=rule), torch.no_grad():   # a pipeline that names the step count
+        for i in range(2):
+            with model.cache_context("cond", step_index=i, num_inference_steps=2):
+                compiled(x, torch.tensor([900.0 - 100 * i]))

@@ -223,6 +223,13 @@ def split_attention(gm: fx.GraphModule, chain: BlockChain, regions: list[Attenti
         raise NoBlockChain("no scaled_dot_product_attention call inside the chain's blocks")
     nodes = list(gm.graph.nodes)
     region_of = {n: k for k, r in enumerate(regions) for n in r.nodes}
+    for n in nodes:   # an item of a tuple (chunk, split) runs where the tuple is made: no tuple crosses segments
+        if (n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node)
+                and isinstance(example_value(n.args[0]), (tuple, list))):
+            if n.args[0] in region_of:
+                region_of[n] = region_of[n.args[0]]
+            else:
+                region_of.pop(n, None)
     after: dict[fx.Node, int] = {}        # node -> the last region it depends on (-1: none)
     for n in nodes:
         if n in region_of:

@@ -110,6 +110,7 @@ def split_chain(gm: fx.GraphModule, chain: BlockChain, Fn: int, Bn: int, granula
     pos = {nd: i for i, nd in enumerate(nodes)}
     blocks = chain.blocks
     unproven: dict[str, list[str]] = {}
+
     def since(b: int) -> int:   # where the tensors block b takes from the previous block are made
         return blocks[b - 1].first if b > 0 else 0
 

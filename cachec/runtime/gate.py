@@ -52,8 +52,7 @@ class FnGate:
     """
 
     def __init__(self, run: Callable, hidden_in: Optional[int], hidden_out: Optional[int], layout: GateLayout,
-                 call: _Call,
-                 strategy, read_timestep: Callable[[list], Optional[float]], hidden_value=None):
+                 call: _Call, strategy, read_timestep: Callable[[list], Optional[float]], hidden_value=None):
         self.run, self.hidden_in, self.hidden_out, self.layout = run, hidden_in, hidden_out, layout
         self.call, self.strategy = call, strategy
         self.read_timestep = read_timestep
