@@ -75,12 +75,15 @@ class AttentionRegion:
         return f"{self.block_name} {self.kind}-attention"
 
 
-def _qkv(sdpa: fx.Node) -> list:
-    names = ("query", "key", "value")
-    return [sdpa.args[i] if len(sdpa.args) > i else sdpa.kwargs.get(n) for i, n in enumerate(names)]
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
-def _fake(node: fx.Node, fn, *args, **kwargs):
+def _sdpa_kwargs(sdpa: fx.Node) -> dict:
+    """The attention call's arguments by name, however it was called."""
+    return {**dict(zip(_SDPA_ARGS, sdpa.args)), **sdpa.kwargs}
+
+
+def _fake(fn, *args, **kwargs):
     """Run ``fn`` on the fake values of fx ``args`` under their fake mode: the new node's value."""
     vals, kw = fx.node.map_arg((args, kwargs), example_value)
     mode = next(v.fake_mode for v in torch.utils._pytree.tree_leaves(vals) if hasattr(v, "fake_mode"))
@@ -99,7 +102,8 @@ def split_heads(gm: fx.GraphModule, chain: BlockChain, groups: int) -> list[Atte
     for b, block in enumerate(chain.blocks):
         block_nodes = [n for n in graph.nodes if _in_block(n, block.name)]
         for ordinal, sdpa in enumerate([n for n in block_nodes if _is_sdpa(n)]):
-            q, k, v = _qkv(sdpa)
+            named = _sdpa_kwargs(sdpa)
+            q, k, v = (named.get(n) for n in _SDPA_ARGS[:3])
             qv, kv, vv = (example_value(x) if isinstance(x, fx.Node) else None for x in (q, k, v))
             if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (qv, kv, vv)):
                 continue
@@ -107,9 +111,9 @@ def split_heads(gm: fx.GraphModule, chain: BlockChain, groups: int) -> list[Atte
             if not isinstance(heads, int) or kv.shape[1] != heads or vv.shape[1] != heads:
                 continue
             g = max(d for d in range(1, min(groups, heads) + 1) if heads % d == 0)
-            mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
+            mask = named.get("attn_mask")
             mv = example_value(mask) if isinstance(mask, fx.Node) else None
-            rest = {k2: v2 for k2, v2 in sdpa.kwargs.items() if k2 not in ("query", "key", "value", "attn_mask")}
+            rest = {name: a for name, a in named.items() if name not in _SDPA_ARGS[:4]}
             outs = []
             step = heads // g
             with graph.inserting_before(sdpa):
@@ -119,20 +123,20 @@ def split_heads(gm: fx.GraphModule, chain: BlockChain, groups: int) -> list[Atte
                     for x in (q, k, v) + ((mask,) if isinstance(mv, torch.Tensor) and mv.dim() == 4
                                             and mv.shape[1] == heads else ()):
                         sl = graph.call_function(operator.getitem, (x, (slice(None), slice(h0, h1))))
-                        sl.meta = _meta(sdpa, _fake(sdpa, operator.getitem, x, (slice(None), slice(h0, h1))))
+                        sl.meta = _meta(sdpa, _fake(operator.getitem, x, (slice(None), slice(h0, h1))))
                         parts.append(sl)
                     kwargs = dict(rest)
-                    if isinstance(mask, fx.Node):
+                    if mask is not None:
                         kwargs["attn_mask"] = parts[3] if len(parts) > 3 else mask
                     call = graph.call_function(torch.nn.functional.scaled_dot_product_attention, tuple(parts[:3]),
                                                kwargs)
-                    call.meta = _meta(sdpa, _fake(sdpa, torch.nn.functional.scaled_dot_product_attention,
+                    call.meta = _meta(sdpa, _fake(torch.nn.functional.scaled_dot_product_attention,
                                                   *parts[:3], **kwargs))
                     outs.append(call)
                     regions.append(AttentionRegion(b, block.name, "self", set(parts) | {call},
                                                    (q.name, h0, h1, j, ordinal)))
                 joined = graph.call_function(torch.cat, (outs,), {"dim": 1})
-                joined.meta = _meta(sdpa, _fake(sdpa, torch.cat, outs, dim=1))
+                joined.meta = _meta(sdpa, _fake(torch.cat, outs, dim=1))
             sdpa.replace_all_uses_with(joined)
             graph.erase_node(sdpa)
     graph.lint()
@@ -208,7 +212,7 @@ def find_attention_regions(gm: fx.GraphModule, chain: BlockChain) -> list[Attent
                 continue
             region = _grow(_core(sdpa, inside), block_nodes) - taken
             taken |= region
-            key = sdpa.args[1] if len(sdpa.args) > 1 else sdpa.kwargs.get("key")
+            key = _sdpa_kwargs(sdpa).get("key")
             carried = set(chain.carried_in[b])
             cross = isinstance(key, fx.Node) and not _depends_on(key, carried, block.first, pos)
             regions.append(AttentionRegion(b, block.name, "cross" if cross else "self", region))
