@@ -430,13 +430,15 @@ class TeaCacheConfig(DBCacheConfig):
 @dataclass(frozen=True)
 class PABConfig(DBCacheConfig):
     """Pyramid Attention Broadcast (Zhao et al.): attention outputs are computed once every
-    ``self_attention_range`` steps (self and joint attention) or ``cross_attention_range`` steps
-    (cross attention, whose output changes least) and broadcast to the steps in between;
+    ``self_attention_range`` steps (spatial, full and joint attention), ``temporal_attention_range``
+    steps (attention across frames, where a video model's graph has it) or ``cross_attention_range``
+    steps (cross attention, whose output changes least) and broadcast to the steps in between;
     everything else in the blocks runs on every step. A range of 0 or 1 computes every step.
 
     The attention regions are found by data flow (``passes.attention``); warmup and cooldown
     steps compute everything. ``cachec.FlexCacheConfig(strategy="pab", cache_ratio=c)`` sets
-    the ranges to ``round(10c)`` and ``round(round(10c) * 5 / 3)``.
+    the ranges to ``round(10c)``, ``round(round(10c) * 4 / 3)`` (temporal) and ``round(round(10c) * 5 / 3)``
+    (cross).
     """
 
     Fn_compute_blocks: int = _opt(0, _int_at_least(0), "PAB gates attention outputs, not blocks: 0")
@@ -444,6 +446,9 @@ class PABConfig(DBCacheConfig):
     max_continuous_cached_steps: int = _opt(-1, _int_at_least(-1, " (-1 = unlimited)"), "unused by PAB: -1")
     self_attention_range: int = _opt(2, _int_at_least(0), "self-attention outputs are computed once every this many steps")
     cross_attention_range: int = _opt(3, _int_at_least(0), "cross-attention outputs are computed once every this many steps")
+    temporal_attention_range: int = _opt(
+        3, _int_at_least(0), "temporal-attention outputs (video models attending across frames) are computed once "
+        "every this many steps")
     cooldown: int = _opt(1, _int_at_least(0), "last steps of a generation that always compute")
 
     cache_type = "PAB"
@@ -463,7 +468,8 @@ class PABConfig(DBCacheConfig):
         _check_steps(self.max_warmup_steps, self.cooldown, self.num_inference_steps)
 
     def short_name(self) -> str:
-        return f"PAB_S{self.self_attention_range}X{self.cross_attention_range}W{self.max_warmup_steps}C{self.cooldown}"
+        return (f"PAB_S{self.self_attention_range}T{self.temporal_attention_range}X{self.cross_attention_range}"
+                f"W{self.max_warmup_steps}C{self.cooldown}")
 
 
 _PAB_DEFAULTS = {"Fn_compute_blocks": 0, "max_continuous_cached_steps": -1}
@@ -488,12 +494,13 @@ class DiTangoConfig(PABConfig):
     output_dir: Optional[str] = _opt(None, _opt_dir, "where the decision map is written (None: not written)")
     self_attention_range: int = _opt(0, _int_at_least(0), "unused by DiTango: 0")
     cross_attention_range: int = _opt(0, _int_at_least(0), "unused by DiTango: 0")
+    temporal_attention_range: int = _opt(0, _int_at_least(0), "unused by DiTango: 0")
 
     cache_type = "DiTango"
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("self_attention_range", "cross_attention_range"):
+        for name in ("self_attention_range", "cross_attention_range", "temporal_attention_range"):
             if getattr(self, name) != 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} does not apply to DiTango: it decides per head "
                                  f"group from error estimates; leave it at 0")
@@ -557,6 +564,7 @@ class FlexCacheConfig:
         if self.strategy == "pab":   # FlexCache divides by these; a range under 2 here just computes every step
             self_range = round(10 * c)
             return PABConfig(self_attention_range=self_range, cross_attention_range=round(self_range * 5 / 3),
+                             temporal_attention_range=round(self_range * 4 / 3),
                              max_warmup_steps=self.warmup, cooldown=self.cooldown,
                              num_inference_steps=self.num_inference_steps)
         if self.strategy == "ditango":
@@ -576,8 +584,8 @@ CACHE_TYPES["teacache"] = TeaCacheConfig
 CACHE_TYPES["pab"] = PABConfig
 CACHE_TYPES["ditango"] = DiTangoConfig
 # the keys of TeaCacheConfig and PABConfig beyond DBCache's (with cache_type="TeaCache" / "PAB")
-TEA_KEYS = ("cooldown", "teacache_coefficients", "self_attention_range", "cross_attention_range", "head_groups",
-            "output_dir")
+TEA_KEYS = ("cooldown", "teacache_coefficients", "self_attention_range", "cross_attention_range",
+            "temporal_attention_range", "head_groups", "output_dir")
 
 
 def _calibrator_check(self) -> None:

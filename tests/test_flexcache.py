@@ -511,3 +511,80 @@ def test_cooldown_needs_a_step_count_and_follows_flexcache_rule_when_it_comes():
         for i in range(2):
             with model.cache_context("cond", step_index=i, num_inference_steps=2):
                 compiled(x, torch.tensor([900.0 - 100 * i]))
+
+
+def _tiny_latte():
+    """A tiny Latte: spatial blocks (self + cross attention over one frame's tokens) interleaved with
+    temporal blocks (self-attention over frames, the tokens folded into the batch)."""
+    from diffusers import LatteTransformer3DModel
+    torch.manual_seed(0)
+    model = LatteTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=16, sample_size=8, patch_size=2, norm_type="ada_norm_single", caption_channels=16,
+        video_length=3, num_embeds_ada_norm=1000).eval()
+    enc = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(1))
+
+    class Case:   # the slice of tiny_models.TinyCase the helpers above use
+        latent_key = "hidden_states"
+
+        def inputs(self, t, seed=0):
+            return {"hidden_states": torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(seed)),
+                    "timestep": torch.tensor([int(1000 * t)]), "encoder_hidden_states": enc, "return_dict": False}
+
+        def with_latent(self, kw, x):
+            return {**kw, "hidden_states": x}
+
+        def latent_of(self, out):
+            return out[0]
+    case = Case()
+    case.model = model
+    return case
+
+
+def test_interleaved_loops_chain_in_graph_order():
+    """Latte runs spatial block i, then temporal block i: the chain follows the graph, so each
+    block's outputs pair with its own inputs (before, the chain listed the loops one after the
+    other, and a block ran uncached with an unproven role)."""
+    case = _tiny_latte()
+    torch._dynamo.reset()
+    compiled = torch.compile(case.model, backend="cachec", options={"inner_backend": "eager",
+                                                                    "residual_diff_threshold": 0.0})
+    import warnings
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", cachec.CachecWarning)
+        for t in (0.9, 0.8, 0.7):
+            kw = case.inputs(t)
+            torch.testing.assert_close(compiled(**kw)[0], case.model(**kw)[0], rtol=0, atol=0)
+    s = cachec.summary(compiled)
+    assert s.blocks == ["transformer_blocks.0", "temporal_transformer_blocks.0", "transformer_blocks.1",
+                        "temporal_transformer_blocks.1"]
+    assert not s.unproven and not s.unpaired
+
+
+def test_pab_gives_temporal_attention_its_own_range():
+    case = _tiny_latte()
+    steps, every = 9, {"self": 2, "temporal": 3, "cross": 4}
+    ts = [1 - i / steps for i in range(steps)]
+    start, drift = case.inputs(1.0, seed=0)["hidden_states"], case.inputs(1.0, seed=1)["hidden_states"]
+    latents = [start + 0.05 * s * drift for s in range(steps)]
+    torch._dynamo.reset()
+    compiled = torch.compile(case.model, backend="cachec", options={
+        "inner_backend": "eager", "cache_type": "PAB", "self_attention_range": every["self"],
+        "temporal_attention_range": every["temporal"], "cross_attention_range": every["cross"],
+        "num_inference_steps": steps})
+    with torch.no_grad():
+        got = [compiled(**case.with_latent(case.inputs(t), x))[0] for t, x in zip(ts, latents)]
+    kinds = {}
+    for i in range(2):
+        kinds.update({f"transformer_blocks.{i}.attn1": "self", f"transformer_blocks.{i}.attn2": "cross",
+                      f"temporal_transformer_blocks.{i}.attn1": "temporal"})
+    modules = {n: case.model.get_submodule(n) for n in kinds}
+    schedule = {n: _every(steps, every[kind], 1, 1) for n, kind in kinds.items()}
+    want = _pab_reference(case, ts, latents, modules, schedule)
+    s = cachec.summary(compiled)
+    block_map = s.branches[list(s.branches)[0]].block_map
+    assert {k: [st for st, ran in v.items() if ran] for k, v in block_map.items()} == {
+        f"{n.rsplit('.', 1)[0]} {kinds[n]}-attention": schedule[n] for n in kinds}
+    for k in range(steps):
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5)
+    assert cachec.FlexCacheConfig(strategy="pab", cache_ratio=0.3).resolve().temporal_attention_range == 4

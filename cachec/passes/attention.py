@@ -13,7 +13,10 @@ attention is found by data flow, never by class names:
 The region's outputs (the nodes it hands to the rest of the block) are reused as values
 on a broadcast step. An attention is **cross** attention where its keys do not depend
 on anything the block takes from the previous block (they come from the text
-embedding), **self** attention otherwise (joint text-image attention included).
+embedding); **temporal** where it is self-attention over a batch larger than the
+smallest self-attention batch of the chain (the image tokens folded into the batch:
+it attends across frames); **self** attention otherwise (spatial, full 3-D and joint
+text-image attention included).
 
 ``split_attention`` cuts the graph into ``fn | mid | always | mid | ... | epilogue``: each
 region a "mid" segment, everything else in the "always" segment after the last region it
@@ -203,6 +206,7 @@ def find_attention_regions(gm: fx.GraphModule, chain: BlockChain) -> list[Attent
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     regions: list[AttentionRegion] = []
+    batch: dict[int, object] = {}
     for b, block in enumerate(chain.blocks):
         block_nodes = nodes[block.first:block.last + 1]
         inside = set(block_nodes)
@@ -213,10 +217,26 @@ def find_attention_regions(gm: fx.GraphModule, chain: BlockChain) -> list[Attent
             region = _grow(_core(sdpa, inside), block_nodes) - taken
             taken |= region
             key = _sdpa_kwargs(sdpa).get("key")
-            carried = set(chain.carried_in[b])
+            # what the block takes from the previous block (block 0: the hidden states; its other
+            # inputs that block 1 does not read, such as the text states, carry nothing from a block)
+            carried = set(chain.carried_in[b]) if b else {chain.hidden_in}
             cross = isinstance(key, fx.Node) and not _depends_on(key, carried, block.first, pos)
             regions.append(AttentionRegion(b, block.name, "cross" if cross else "self", region))
+            batch[len(regions) - 1] = _batch(sdpa)
+    # temporal attention: self-attention whose batch folds in more than the smallest self-attention
+    # batch does (Latte's temporal blocks fold the image tokens into the batch and attend over frames)
+    folded = [batch[k] for k, r in enumerate(regions) if r.kind == "self" and isinstance(batch[k], int)]
+    for k, r in enumerate(regions):
+        if r.kind == "self" and folded and isinstance(batch[k], int) and batch[k] > min(folded):
+            r.kind = "temporal"
     return regions
+
+
+def _batch(sdpa: fx.Node):
+    """The attention's batch size (its query's first dimension), or None."""
+    q = _sdpa_kwargs(sdpa).get("query")
+    value = example_value(q) if isinstance(q, fx.Node) else None
+    return value.shape[0] if isinstance(value, torch.Tensor) and value.dim() == 4 else None
 
 
 def split_attention(gm: fx.GraphModule, chain: BlockChain, regions: list[AttentionRegion]) -> SplitPlan:

@@ -96,7 +96,8 @@ def find_block_chain(gm: fx.GraphModule, loops: list[BlockLoop], inputs: GraphIn
         names = ", ".join(f"{lp.container} ({len(lp.blocks)} x {lp.cls.__name__})" for lp in loops)
         raise NoBlockChain(f"none of the loops [{names}] lies on the path of the latent input "
                            f"'{inputs.name(inputs.latent)}' to the output")
-    blocks = [b for lp in chained for b in lp.blocks]
+    # in graph order: loops may interleave (Latte runs spatial block i, then temporal block i)
+    blocks = sorted((b for lp in chained for b in lp.blocks), key=lambda b: b.first)
     uses = [_uses(nodes, b, pos) for b in blocks]
     carried = [[a for a in uses[0] if a not in set(uses[1])]]
     for k in range(1, len(blocks)):

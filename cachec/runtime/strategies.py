@@ -294,8 +294,9 @@ class TeaCache(DBCache):
 
 class PAB(DBCache):
     """Pyramid Attention Broadcast: each attention output (a region, ``passes.attention``) is
-    computed once every ``self_attention_range`` steps (self and joint attention) or
-    ``cross_attention_range`` steps (cross attention) and reused as it was in between; a range
+    computed once every ``self_attention_range`` steps (self and joint attention),
+    ``temporal_attention_range`` (across frames) or ``cross_attention_range`` steps (cross
+    attention) and reused as it was in between; a range
     under 2 computes every step. No signal: the gate only places the call. Warmup, cooldown
     and "nothing cached yet" compute every attention."""
 
@@ -304,8 +305,8 @@ class PAB(DBCache):
 
     def __init__(self, config: PABConfig, plan: SplitPlan, blocks: list[str], model: str = ""):
         super().__init__(config, plan, blocks)
-        self.ranges = {k: (config.cross_attention_range if plan.segments[k].attention == "cross"
-                           else config.self_attention_range) for k in plan.regions()}
+        every = {"cross": config.cross_attention_range, "temporal": config.temporal_attention_range}
+        self.ranges = {k: every.get(plan.segments[k].attention, config.self_attention_range) for k in plan.regions()}
 
     def signal_inputs(self, branch: Optional[BranchState], like) -> tuple[list, bool]:
         return [], False
