@@ -588,3 +588,29 @@ def test_pab_gives_temporal_attention_its_own_range():
     for k in range(steps):
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5)
     assert cachec.FlexCacheConfig(strategy="pab", cache_ratio=0.3).resolve().temporal_attention_range == 4
+
+
+@pytest.mark.parametrize("strategy", ["teacache", "pab", "ditango", "dbcache"])
+def test_every_strategy_reads_the_host_once_per_call_and_never_recompiles(strategy):
+    """Two generations of PixArt, the second under ``fail_on_recompile``: at most one host read by
+    cachec per call, the same outputs both times (no state leaks from one generation to the next)."""
+    from test_syncs import SyncCounter
+    case = tiny_models.build("pixart")
+    steps = 6
+    ts = [1 - i / steps for i in range(steps)]
+    torch._dynamo.reset()
+    compiled = torch.compile(case.model, backend="cachec", options={
+        "inner_backend": "eager", "strategy": strategy, "cache_ratio": 0.6, "num_inference_steps": steps})
+    runs, reads = [], []
+    for stance in ("default", "fail_on_recompile"):
+        with torch.compiler.set_stance(stance), torch.no_grad():
+            outs = []
+            for t in ts:
+                with SyncCounter() as counter:
+                    outs.append(compiled(**case.inputs(t))[0])
+                reads.append(counter.count)
+            runs.append(outs)
+    s = cachec.summary(compiled)
+    assert max(reads) <= 1 and s.generation == 1 and s.cached_steps, (reads, str(s))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
