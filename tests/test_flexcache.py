@@ -614,3 +614,22 @@ def test_every_strategy_reads_the_host_once_per_call_and_never_recompiles(strate
     assert max(reads) <= 1 and s.generation == 1 and s.cached_steps, (reads, str(s))
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("strategy", ["pab", "ditango"])
+def test_attention_strategies_through_inductor_match_eager(strategy):
+    """The attention regions and the head split compile with inductor (shared blocks on) and give
+    the eager inner backend's outputs, computed and reused steps alike."""
+    case = tiny_models.build("flux")
+    ts = [1 - i / 5 for i in range(5)]
+    outs = {}
+    for inner in ("eager", "inductor"):
+        torch._dynamo.reset()
+        compiled = torch.compile(case.model, backend="cachec", options={
+            "inner_backend": inner, "strategy": strategy, "cache_ratio": 0.5, "num_inference_steps": 5})
+        with torch.no_grad():
+            outs[inner] = [compiled(**case.inputs(t))[0] for t in ts]
+        assert cachec.summary(compiled).cached_steps
+    for a, b in zip(outs["eager"], outs["inductor"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
