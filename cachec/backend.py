@@ -22,6 +22,7 @@ from .options import BackendOptions, parse_options
 from .passes import NoBlockChain, find_graph_inputs, plan_graph
 from .passes.calibrate import combination_graph
 from .passes.residuals import fuse_gate_signals, fuse_residuals
+from .passes.inputs import static_tensor
 from .passes.share import no_subgraph_input_asserts, share_blocks
 from .plan import GateLayout, SplitPlan, forward_of
 from .runtime import CachedGraph, ModelState, calibrator_for, strategy_for, summarize
@@ -169,9 +170,12 @@ def _gate_graph(compile_graph: Callable, plan: SplitPlan, strategy, fake_mode) -
     """The Fn segment compiled with the strategy's signal fused in (``passes.residuals``;
     the measurements that chose fusing: bench/results/fusion_cpu.md)."""
     seg = plan.segments[plan.gate_segment]
-    gm = fuse_gate_signals(plan.submodule(seg), plan.gate_hidden_name, plan.gate_hidden_out, strategy.signal,
+    signal = strategy.signal
+    if signal == "modulated" and not static_tensor(plan.example_values[plan.gate_hidden_name]):
+        signal = "snapshot"   # symbolic shape: the gate compares after the segment runs (GateLayout.eager_sums)
+    gm = fuse_gate_signals(plan.submodule(seg), plan.gate_hidden_name, plan.gate_hidden_out, signal,
                            len(plan.probe_regions))
-    if strategy.signal == "none":
+    if signal in ("none", "snapshot"):
         extra = []
     elif strategy.signal != "probe":   # the gate hands it a contiguous residual (modulated input)
         extra = [_fake_like(plan.example_values[plan.gate_hidden_name], fake_mode, True)]
@@ -181,7 +185,7 @@ def _gate_graph(compile_graph: Callable, plan: SplitPlan, strategy, fake_mode) -
             r = plan.segments[k]
             hidden = _fake_like(plan.example_values[r.input_names[r.hidden_in]], fake_mode, True)
             extra += [hidden, hidden]
-    layout = GateLayout(len(seg.output_names), strategy.signal in ("residual", "modulated"))
+    layout = GateLayout(len(seg.output_names), signal in ("residual", "modulated", "snapshot"), signal == "snapshot")
     return compile_graph(gm, plan.example_inputs(seg) + extra), layout
 
 

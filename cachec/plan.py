@@ -101,6 +101,9 @@ class GateLayout:
     """How the gate segment's outputs are laid out (module docstring)."""
     n_outputs: int
     keeps_residual: bool
+    # the sums are not fused: the gate computes them after the segment runs (TeaCache under
+    # dynamic shapes, where the measured value's shape is known only once it is made)
+    eager_sums: bool = False
 
     def split(self, outs: Sequence) -> tuple[list, Optional[torch.Tensor], torch.Tensor]:
         """(segment outputs, Fn residual or None, partial sums)."""

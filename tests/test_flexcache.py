@@ -633,3 +633,23 @@ def test_attention_strategies_through_inductor_match_eager(strategy):
         assert cachec.summary(compiled).cached_steps
     for a, b in zip(outs["eager"], outs["inductor"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["teacache", "pab", "ditango"])
+def test_strategies_compile_with_dynamic_shapes(strategy):
+    """dynamic=True hands norm eps over as tensors read with .item(): TeaCache measures a value whose
+    shape is symbolic (compared after the segment runs; here the hidden states, since the modulated
+    input's copy would read eps inside the segment before the chain), and the attention strategies
+    cut regions around graphs that dynamo folds those reads out of. Computed steps stay exact."""
+    case = tiny_models.build("flux")
+    ts = [1 - i / 5 for i in range(5)]
+    torch._dynamo.reset()
+    compiled = torch.compile(case.model, backend="cachec", dynamic=True, options={
+        "inner_backend": "aot_eager", "strategy": strategy, "cache_ratio": 0.5, "num_inference_steps": 5})
+    with torch.no_grad():
+        got = [compiled(**case.inputs(t))[0] for t in ts]
+        want = [case.model(**case.inputs(t))[0] for t in ts]
+    s = cachec.summary(compiled)
+    assert s.cached_steps and s.computed_steps, str(s)
+    for k in s.computed_steps:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5)

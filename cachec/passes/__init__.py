@@ -46,6 +46,12 @@ def plan_graph(gm, Fn: int, Bn: int, granularity: str = "stretch", signal: str =
     inputs = find_graph_inputs(gm)
     loops = find_block_loops(gm)
     chain = find_block_chain(gm, loops, inputs)
+    if granularity in ("attention", "heads") and any(
+            getattr(n.target, "__name__", n.target) in ("item", "_local_scalar_dense") for n in gm.graph.nodes):
+        raise NoBlockChain(
+            "this graph reads Python numbers back from tensors (with dynamic=True dynamo hands norm eps over as "
+            "tensors read with .item()), and attention regions cannot be cut around those reads; "
+            "torch.compile(..., dynamic=True, fullgraph=True) makes dynamo fold them into constants")
     if granularity == "attention":   # PAB: attention outputs are the regions
         return inputs, chain, split_attention(gm, chain, find_attention_regions(gm, chain)), (None, None)
     if granularity == "heads":       # DiTango: each group of heads of each attention is a region

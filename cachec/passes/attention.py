@@ -34,7 +34,7 @@ from torch.fx.passes.split_module import split_module
 
 from ..plan import Segment, SplitPlan
 from .chain import BlockChain, NoBlockChain
-from .inputs import example_value
+from .inputs import example_value, reads_scalar
 
 __all__ = ["AttentionRegion", "find_attention_regions", "split_attention", "split_heads"]
 
@@ -181,8 +181,8 @@ def _grow(core: set, block_nodes: list) -> set:
     """``core`` with every node of the block whose users all lie in the region."""
     region = set(core)
     for node in reversed(block_nodes):
-        if node in region or node.op not in ("call_function", "call_method", "call_module"):
-            continue
+        if node in region or node.op not in ("call_function", "call_method", "call_module") or reads_scalar(node):
+            continue   # a number read from a tensor stays outside: the region takes it as an input
         if node.users and all(u in region for u in node.users):
             region.add(node)
     return region

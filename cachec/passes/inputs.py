@@ -96,3 +96,12 @@ def find_graph_inputs(gm: fx.GraphModule) -> GraphInputs:
     # a name that says "time" goes first; the runtime switches if another one moves instead
     gi.timestep_candidates.sort(key=lambda i: "time" not in gi.name(i) and "sigma" not in gi.name(i))
     return gi
+
+
+def reads_scalar(node: fx.Node) -> bool:
+    """Whether ``node`` reads a Python number back from a tensor (``.item()``; ``dynamic=True`` hands
+    norm eps and RoPE theta over as tensors read this way) or makes a symbolic number. A compiled
+    segment may take such a value as an input (a symbol), but not make it and use it inside."""
+    target = getattr(node.target, "__name__", str(node.target))
+    return target in ("item", "_local_scalar_dense") or isinstance(
+        example_value(node), (torch.SymInt, torch.SymFloat, torch.SymBool))

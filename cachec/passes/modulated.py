@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from .chain import BlockChain
-from .inputs import GraphInputs, example_value, same_size
+from .inputs import GraphInputs, example_value, reads_scalar, same_size
 
 __all__ = ["find_modulated_input", "copy_before_chain"]
 
@@ -119,6 +119,9 @@ def copy_before_chain(gm: fx.GraphModule, chain: BlockChain, node: fx.Node) -> s
         target = getattr(n.target, "__name__", str(n.target))
         if target.endswith("_") and not target.endswith("__"):
             raise ValueError(f"{n.name} writes in place ({target})")
+        if reads_scalar(n):
+            raise ValueError(f"{n.name} reads a Python number back from a tensor (dynamic=True hands norm eps "
+                             f"over this way), which the segment before the chain cannot compile")
         need.add(n)
         todo += n.all_input_nodes
     env: dict[fx.Node, fx.Node] = {}

@@ -74,20 +74,24 @@ def fuse_gate_signals(fn: fx.GraphModule, hidden_in: str, hidden_out: int, signa
     output along them, one row per block.
 
     ``signal="none"`` (a schedule, PAB): returns its outputs and an empty ``(0, 2)`` sums.
+    ``signal="snapshot"``: as "modulated" without the comparison (outputs, the copy, empty sums):
+    the caller compares, where the value's shape is symbolic and no stored one can be passed in.
 
     ``signal="modulated"`` (TeaCache): ``hidden_in`` names the node measured (block 0's
     modulated input, copied into the segment); takes its value at the previous call,
     returns the outputs, a contiguous copy of this call's value in the residual's place,
     and ``[[sum|prev - value|, sum|prev|]]``.
     """
-    if signal not in ("residual", "probe", "modulated", "none"):
-        raise ValueError(f"signal={signal!r}: expected 'residual', 'probe', 'modulated' or 'none'")
+    if signal not in ("residual", "probe", "modulated", "snapshot", "none"):
+        raise ValueError(f"signal={signal!r}: expected 'residual', 'probe', 'modulated', 'snapshot' or 'none'")
     gm = fx.GraphModule(fn, copy.deepcopy(fn.graph))
     graph, out_node = gm.graph, _output(gm.graph)
     outs = tuple(out_node.args[0])
-    if signal == "none":   # a schedule with no signal (PAB): no rows
+    if signal in ("none", "snapshot"):   # no rows: a schedule (PAB), or sums the caller computes
         like = next(o for o in outs if isinstance(example_value(o), torch.Tensor))
         with graph.inserting_before(out_node):
+            if signal == "snapshot":
+                outs += (graph.call_function(_snapshot, (next(n for n in graph.nodes if n.name == hidden_in),)),)
             out_node.args = (outs + (graph.call_function(_no_sums, (like,)),),)
         graph.lint()
         gm.recompile()

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..plan import GateLayout, SplitPlan, forward_of, split_region_outputs
+from ..plan import GateLayout, SplitPlan, forward_of, l1_sums, split_region_outputs
 from .context import CallContext
 from .state import BranchState, ModelState, RegionCache, RequestState
 
@@ -57,14 +57,22 @@ class FnGate:
         self.call, self.strategy = call, strategy
         self.read_timestep = read_timestep
         # where the hidden states are made inside the segment (static shapes), what they look like
-        self.like = None if hidden_in is not None else _Like(hidden_value)
+        self.like = None if hidden_in is not None or layout.eager_sums else _Like(hidden_value)
 
     def __call__(self, *args):
         call, strategy = self.call, self.strategy
         state = call.request
         guess = call.guess
-        extra, measurable = strategy.signal_inputs(guess, self.like or args[self.hidden_in])
+        if self.layout.eager_sums:
+            extra, measurable = [], False
+        else:
+            extra, measurable = strategy.signal_inputs(guess, self.like or args[self.hidden_in])
         outs, residual, sums = self.layout.split(self.run(*args, *extra))
+        if self.layout.eager_sums:   # a symbolic shape: compare here, still on the device
+            prev = guess.prev_residual if guess is not None else None
+            measurable = prev is not None and prev.shape == residual.shape
+            if measurable:
+                sums = l1_sums(prev, residual)
         if strategy.lagged:   # measured during the request's previous call: read in this call's one sync
             sums, state.pending = state.pending, None
             measurable = sums is not None
