@@ -339,8 +339,8 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
         warnings.warn(f"cachec: {cfg.cache_type} gates on the first block's timestep-modulated input, but this "
                       f"graph has {fallback}: it measures the hidden states entering the first block instead",
                       CachecWarning, stacklevel=2)
-    state.chain_info = {
-        "gate_input": measured,
+    info = {   # the model's state takes it once the graph compiled: a graph that failed to compile
+        "gate_input": measured,   # leaves no chain behind, so the plain graphs after it still warn
         "blocks": chain.names,
         "segments": [(s.kind, list(s.blocks)) for s in plan.segments],
         "unpaired": plan.unpaired() if strategy.granularity in ("stretch", "block") else [],   # PAB: all of them
@@ -360,12 +360,14 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
                                         plan.example_inputs(seg)))
         else:
             pieces.append(compile_graph(plan.submodule(seg), plan.example_inputs(seg)))
-    state.chain_info["shared"] = tuple(shared)
+    info["shared"] = tuple(shared)
     calibrator = cfg.calibrator()
     regions = _region_calibrators(compile_graph, plan, calibrator, fake_mode) if calibrator is not None else {}
     handler = strategy(cfg, plan, chain.names, model=type(module).__name__ if module is not None else "")
     timesteps = {i: inputs.name(i) for i in inputs.timestep_candidates}
-    return CachedGraph(plan, pieces, layout, handler, regions, state, timesteps, inputs.user_inputs)
+    cached = CachedGraph(plan, pieces, layout, handler, regions, state, timesteps, inputs.user_inputs)
+    state.chain_info = info
+    return cached
 
 
 def _find_state(model: Any, create: bool = False) -> ModelState:
