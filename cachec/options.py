@@ -30,10 +30,6 @@ INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 
 from .scm import steps_mask  # noqa: E402  (re-exported: cachec.steps_mask)
 
-# Keys that belong to strategies which have not landed yet. They are part of the
-# vocabulary we accept, so they get a clear "not supported yet" instead of a
-# did-you-mean.
-_PLANNED_KEYS: tuple = ()
 
 
 def _is_int(v: Any) -> bool:
@@ -313,23 +309,20 @@ class DBPruneConfig(DBCacheConfig):
 
 _PRUNE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DBPruneConfig)}
 PRUNE_KEYS = tuple(k for k in _PRUNE_DEFAULTS if k not in _FIELD_DEFAULTS)
-CACHE_TYPES: dict = {"dbcache": DBCacheConfig, "dbprune": DBPruneConfig}   # TeaCache joins below
 
 
 # ------------------------------------------------------------------------------------- FlexCache
 
 FLEX_STRATEGIES = ("dbcache", "teacache", "pab", "ditango")
-FLEX_LANDED = FLEX_STRATEGIES   # the strategies this version runs; the rest raise "not supported yet"
-# TeaCache's threshold on the accumulated rescaled change, from cache_ratio c: 0.08 + c * (0.35 - 0.08)
-TEACACHE_RANGE = (0.08, 0.35)
+# the threshold cache_ratio c sets, 0.08 + c * (0.35 - 0.08): FlexCache's for TeaCache's accumulated
+# rescaled change, and cachec's for the one-knob DBCache's F1B0 residual change (with at most
+# 1 + round(4c) cached steps in a row)
+FLEX_THRESHOLD_RANGE = (0.08, 0.35)
 # The rescale polynomials TeaCache's authors published (highest power first, numpy.poly1d order),
 # by the class of the model they fitted them on; any other model gets the identity
 TEACACHE_COEFFICIENTS = {
     "FluxTransformer2DModel": (4.98651651e+02, -2.83781631e+02, 5.58554382e+01, -3.82021401e+00, 2.64230861e-01),
 }
-# cache_ratio c on DBCache: threshold 0.08 + c * (0.35 - 0.08) on the F1B0 residual's change,
-# and at most 1 + round(4c) cached steps in a row
-FLEX_DBCACHE_RANGE = (0.08, 0.35)
 
 
 def _ratio(name, v):
@@ -356,10 +349,10 @@ def _opt_dir(name, v):
         raise ValueError(f"{name}={v!r} is invalid: expected None or a directory path (str)")
 
 
-def _check_steps(warmup: int, cooldown: int, n: Optional[int], where: str = "") -> None:
+def check_steps(warmup: int, cooldown: int, n: Optional[int]) -> None:
     """FlexCache's rule: the warmup and cooldown steps leave at least one step to cache."""
     if n is not None and warmup + cooldown >= n:
-        raise ValueError(f"warmup={warmup} + cooldown={cooldown} must be < num_inference_steps={n}{where}: "
+        raise ValueError(f"warmup={warmup} + cooldown={cooldown} must be < num_inference_steps={n}: "
                          f"warmup + cooldown < num_inference_steps (every step would compute)")
 
 
@@ -372,7 +365,7 @@ class FlexDBCacheConfig(DBCacheConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_steps(self.max_warmup_steps, self.cooldown, self.num_inference_steps)
+        check_steps(self.max_warmup_steps, self.cooldown, self.num_inference_steps)
 
     def short_name(self) -> str:
         return super().short_name() + (f"_C{self.cooldown}" if self.cooldown else "")
@@ -410,7 +403,7 @@ class TeaCacheConfig(DBCacheConfig):
         if self.Fn_compute_blocks != 0:
             raise ValueError(f"Fn_compute_blocks={self.Fn_compute_blocks} is invalid for TeaCache: it gates "
                              f"before the first block and skips the whole chain; use 0 (or DBCache for Fn >= 1)")
-        _check_steps(self.max_warmup_steps, self.cooldown, self.num_inference_steps)
+        check_steps(self.max_warmup_steps, self.cooldown, self.num_inference_steps)
         if self.max_accumulated_residual_diff_threshold is not None:
             raise ValueError(f"max_accumulated_residual_diff_threshold={self.max_accumulated_residual_diff_threshold!r}"
                              f" does not apply to TeaCache: its accumulated change is the signal itself, and "
@@ -465,7 +458,7 @@ class PABConfig(DBCacheConfig):
         if self.enable_taylorseer or self.calibrator_config is not None:
             raise ValueError("PAB reuses attention outputs as they were: it takes no calibrator "
                              "(enable_taylorseer, calibrator_config)")
-        _check_steps(self.max_warmup_steps, self.cooldown, self.num_inference_steps)
+        check_steps(self.max_warmup_steps, self.cooldown, self.num_inference_steps)
 
     def short_name(self) -> str:
         return (f"PAB_S{self.self_attention_range}T{self.temporal_attention_range}X{self.cross_attention_range}"
@@ -543,10 +536,7 @@ class FlexCacheConfig:
         object.__setattr__(self, "strategy", self.strategy.lower())
         if isinstance(self.teacache_coefficients, list):
             object.__setattr__(self, "teacache_coefficients", tuple(self.teacache_coefficients))
-        if self.strategy not in FLEX_LANDED:
-            raise ValueError(f"strategy={self.strategy!r} is not supported yet by this version of cachec "
-                             f"(supported: {FLEX_LANDED})")
-        _check_steps(self.warmup, self.cooldown, self.num_inference_steps)
+        check_steps(self.warmup, self.cooldown, self.num_inference_steps)
         if self.teacache_coefficients is not None and self.strategy != "teacache":
             raise ValueError(f"teacache_coefficients={self.teacache_coefficients!r} needs strategy='teacache' "
                              f"(it is {self.strategy!r})")
@@ -556,9 +546,10 @@ class FlexCacheConfig:
     def resolve(self) -> DBCacheConfig:
         """The strategy config this knob setting stands for."""
         c = self.cache_ratio
+        lo, hi = FLEX_THRESHOLD_RANGE
+        threshold = round(lo + c * (hi - lo), 6)
         if self.strategy == "teacache":
-            lo, hi = TEACACHE_RANGE
-            return TeaCacheConfig(residual_diff_threshold=round(lo + c * (hi - lo), 6), max_warmup_steps=self.warmup,
+            return TeaCacheConfig(residual_diff_threshold=threshold, max_warmup_steps=self.warmup,
                                   cooldown=self.cooldown, num_inference_steps=self.num_inference_steps,
                                   teacache_coefficients=self.teacache_coefficients)
         if self.strategy == "pab":   # FlexCache divides by these; a range under 2 here just computes every step
@@ -570,8 +561,7 @@ class FlexCacheConfig:
         if self.strategy == "ditango":
             return DiTangoConfig(cache_ratio=c, max_warmup_steps=self.warmup, cooldown=self.cooldown,
                                  num_inference_steps=self.num_inference_steps, output_dir=self.output_dir)
-        lo, hi = FLEX_DBCACHE_RANGE
-        return FlexDBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=round(lo + c * (hi - lo), 6),
+        return FlexDBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
                                  max_warmup_steps=self.warmup, max_continuous_cached_steps=1 + round(4 * c),
                                  cooldown=self.cooldown, num_inference_steps=self.num_inference_steps)
 
@@ -580,11 +570,9 @@ FLEX_KEYS = tuple(f.name for f in dataclasses.fields(FlexCacheConfig))
 FLEX_ONLY_KEYS = tuple(k for k in FLEX_KEYS if k != "num_inference_steps")
 # ``{"flexcache": "teacache"}``: FlexCache's legacy spelling, a strategy name with the defaults above
 LEGACY_FLEX_KEY = "flexcache"
-CACHE_TYPES["teacache"] = TeaCacheConfig
-CACHE_TYPES["pab"] = PABConfig
-CACHE_TYPES["ditango"] = DiTangoConfig
-# the keys of TeaCacheConfig and PABConfig beyond DBCache's (with cache_type="TeaCache" / "PAB")
-TEA_KEYS = ("cooldown", "teacache_coefficients", "self_attention_range", "cross_attention_range",
+CACHE_TYPES = {c.cache_type.lower(): c for c in (DBCacheConfig, DBPruneConfig, TeaCacheConfig, PABConfig, DiTangoConfig)}
+# the keys of the strategy configs beyond DBCache's and DBPrune's (with cache_type="TeaCache", "PAB", "DiTango")
+STRATEGY_KEYS = ("cooldown", "teacache_coefficients", "self_attention_range", "cross_attention_range",
             "temporal_attention_range", "head_groups", "output_dir")
 
 
@@ -725,9 +713,6 @@ def _check_inductor(patches: Any, inner_backend: str) -> None:
 def _unknown_key(key: Any, known: tuple, where: str = "") -> ValueError:
     if not isinstance(key, str):
         return ValueError(f"option key {key!r}{where} is invalid: keys are strings, one of {sorted(known)}")
-    if key in _PLANNED_KEYS:
-        return ValueError(f"option {key!r} is not supported yet by this version of cachec "
-                          f"(supported: {sorted(known)})")
     if key in PRUNE_KEYS:
         return ValueError(f"option {key!r} is a DBPrune option: add cache_type='DBPrune' (or pass "
                           f"cache_config=cachec.DBPruneConfig(...)) to prune blocks")
@@ -782,12 +767,12 @@ def parse_options(options: Optional[Mapping[str, Any]]) -> BackendOptions:
             limits[k] = v
         elif k in FLEX_ONLY_KEYS or k == LEGACY_FLEX_KEY:
             flex[k] = v
-        elif k in known or k in PRUNE_KEYS or k in TEA_KEYS:
+        elif k in known or k in PRUNE_KEYS or k in STRATEGY_KEYS:
             flat[k] = v
         else:
             raise _unknown_key(k, known)
     if "cache_type" in flat:   # a strategy config spelled flat: TeaCache's own keys belong to it
-        flat.update({k: flex.pop(k) for k in TEA_KEYS if k in flex})
+        flat.update({k: flex.pop(k) for k in STRATEGY_KEYS if k in flex})
     if flex:
         given = [k for k in ("cache_config",) if k in backend_kw] + sorted(k for k in flat if k != "num_inference_steps")
         if given:

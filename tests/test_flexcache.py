@@ -140,6 +140,13 @@ def test_process_switch_compiles_plainly_and_says_so_once(how, monkeypatch, capl
 
 # --------------------------------------------------------------------------------------- TeaCache
 
+def _drifting(case, steps: int, rate: float) -> list:
+    """A slowly moving latent per step, as in denoising, fixed in advance: what a step sees does
+    not depend on what earlier steps cached."""
+    start, drift = case.inputs(1.0, seed=0)[case.latent_key], case.inputs(1.0, seed=1)[case.latent_key]
+    return [start + rate * s * drift for s in range(steps)]
+
+
 def _teacache_decisions(diffs: dict, steps: int, threshold: float, poly, warmup: int, cooldown: int) -> list[int]:
     """TeaCache by hand: the computed steps, from the change of each step against the one before."""
     computed, acc = [], 0.0
@@ -159,8 +166,7 @@ def test_teacache_measures_the_adaptive_norm_output_and_decides_as_teacache(name
     case = tiny_models.build(name)
     steps, threshold = 8, 0.4
     ts = [1 - i / steps for i in range(steps)]
-    start, drift = case.inputs(1.0, seed=0)[case.latent_key], case.inputs(1.0, seed=1)[case.latent_key]
-    latents = [start + 0.02 * s * drift for s in range(steps)]   # a slowly moving latent, as in denoising
+    latents = _drifting(case, steps, 0.02)
     block0 = next(m for n, m in case.model.named_modules() if n.endswith(".0") and hasattr(m, "norm1"))
     seen = []
     hook = block0.norm1.register_forward_hook(lambda m, a, out: seen.append(out[0].detach().clone()))
@@ -319,8 +325,7 @@ def test_pab_broadcasts_each_attention_output_on_its_schedule(name, kinds):
     case = tiny_models.build(name)
     steps, self_every, cross_every = 9, 2, 3
     ts = [1 - i / steps for i in range(steps)]
-    start, drift = case.inputs(1.0, seed=0)[case.latent_key], case.inputs(1.0, seed=1)[case.latent_key]
-    latents = [start + 0.05 * s * drift for s in range(steps)]
+    latents = _drifting(case, steps, 0.05)
     torch._dynamo.reset()
     compiled = torch.compile(case.model, backend="cachec", options={
         "inner_backend": "eager", "cache_type": "PAB", "self_attention_range": self_every,
@@ -436,8 +441,7 @@ def test_ditango_reuses_head_groups_as_the_rule_says(name):
     case = tiny_models.build(name)
     steps, c, groups = 10, 0.5, 2
     ts = [1 - i / steps for i in range(steps)]
-    start, drift = case.inputs(1.0, seed=0)[case.latent_key], case.inputs(1.0, seed=1)[case.latent_key]
-    latents = [start + 0.05 * s * drift for s in range(steps)]
+    latents = _drifting(case, steps, 0.05)
     want, computed = _ditango_reference(case, ts, latents, c, groups)
     torch._dynamo.reset()
     compiled = torch.compile(case.model, backend="cachec", options={
@@ -485,17 +489,24 @@ def test_ditango_writes_its_decision_map(tmp_path, digits_model):
 def test_attention_regions_compile_through_aot_autograd(strategy):
     """A chunk of the modulation (a tuple) made before an attention region and read after it must
     not cross segments as a tuple: AOTAutograd rejects such a segment output (seen on FLUX)."""
+    _inner_backends_agree(strategy, "aot_eager", steps=4, ratio=0.3, tol=1e-5)
+
+
+def _inner_backends_agree(strategy: str, inner: str, steps: int, ratio: float, tol: float) -> None:
+    """Tiny FLUX under ``strategy`` gives the same outputs through ``inner`` as through the eager
+    inner backend, and caches something with both."""
     case = tiny_models.build("flux")
-    ts = [1 - i / 4 for i in range(4)]
+    ts = [1 - i / steps for i in range(steps)]
     outs = {}
-    for inner in ("eager", "aot_eager"):
+    for backend in ("eager", inner):
         torch._dynamo.reset()
         compiled = torch.compile(case.model, backend="cachec", options={
-            "inner_backend": inner, "strategy": strategy, "cache_ratio": 0.3, "num_inference_steps": 4})
+            "inner_backend": backend, "strategy": strategy, "cache_ratio": ratio, "num_inference_steps": steps})
         with torch.no_grad():
-            outs[inner] = [compiled(**case.inputs(t))[0] for t in ts]
-    for a, b in zip(outs["eager"], outs["aot_eager"]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            outs[backend] = [compiled(**case.inputs(t))[0] for t in ts]
+        assert cachec.summary(compiled).cached_steps
+    for a, b in zip(outs["eager"], outs[inner]):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 def test_cooldown_needs_a_step_count_and_follows_flexcache_rule_when_it_comes():
@@ -565,8 +576,7 @@ def test_pab_gives_temporal_attention_its_own_range():
     case = _tiny_latte()
     steps, every = 9, {"self": 2, "temporal": 3, "cross": 4}
     ts = [1 - i / steps for i in range(steps)]
-    start, drift = case.inputs(1.0, seed=0)["hidden_states"], case.inputs(1.0, seed=1)["hidden_states"]
-    latents = [start + 0.05 * s * drift for s in range(steps)]
+    latents = _drifting(case, steps, 0.05)
     torch._dynamo.reset()
     compiled = torch.compile(case.model, backend="cachec", options={
         "inner_backend": "eager", "cache_type": "PAB", "self_attention_range": every["self"],
@@ -621,18 +631,7 @@ def test_every_strategy_reads_the_host_once_per_call_and_never_recompiles(strate
 def test_attention_strategies_through_inductor_match_eager(strategy):
     """The attention regions and the head split compile with inductor (shared blocks on) and give
     the eager inner backend's outputs, computed and reused steps alike."""
-    case = tiny_models.build("flux")
-    ts = [1 - i / 5 for i in range(5)]
-    outs = {}
-    for inner in ("eager", "inductor"):
-        torch._dynamo.reset()
-        compiled = torch.compile(case.model, backend="cachec", options={
-            "inner_backend": inner, "strategy": strategy, "cache_ratio": 0.5, "num_inference_steps": 5})
-        with torch.no_grad():
-            outs[inner] = [compiled(**case.inputs(t))[0] for t in ts]
-        assert cachec.summary(compiled).cached_steps
-    for a, b in zip(outs["eager"], outs["inductor"]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    _inner_backends_agree(strategy, "inductor", steps=5, ratio=0.5, tol=1e-4)
 
 
 @pytest.mark.parametrize("strategy", ["teacache", "pab", "ditango"])

@@ -30,11 +30,11 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.split_module import split_module
 
 from ..plan import Segment, SplitPlan
-from .chain import BlockChain, NoBlockChain
+from .chain import BlockChain, NoBlockChain, _reachable
 from .inputs import example_value, reads_scalar
+from .split import split_by
 
 __all__ = ["AttentionRegion", "find_attention_regions", "split_attention", "split_heads"]
 
@@ -188,19 +188,6 @@ def _grow(core: set, block_nodes: list) -> set:
     return region
 
 
-def _depends_on(node: fx.Node, sources: set, stop: int, pos: dict) -> bool:
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if n in sources:
-            return True
-        if n in seen or pos[n] < stop:
-            continue
-        seen.add(n)
-        todo += n.all_input_nodes
-    return False
-
-
 def find_attention_regions(gm: fx.GraphModule, chain: BlockChain) -> list[AttentionRegion]:
     """Every attention region of the chain's blocks, in graph order (module docstring)."""
     nodes = list(gm.graph.nodes)
@@ -220,7 +207,9 @@ def find_attention_regions(gm: fx.GraphModule, chain: BlockChain) -> list[Attent
             # what the block takes from the previous block (block 0: the hidden states; its other
             # inputs that block 1 does not read, such as the text states, carry nothing from a block)
             carried = set(chain.carried_in[b]) if b else {chain.hidden_in}
-            cross = isinstance(key, fx.Node) and not _depends_on(key, carried, block.first, pos)
+            # keys reached from none of them, walking back within the block
+            cross = isinstance(key, fx.Node) and not carried & _reachable(
+                key, lambda n: [a for a in n.all_input_nodes if pos[a] >= block.first or a in carried])
             regions.append(AttentionRegion(b, block.name, "cross" if cross else "self", region))
             batch[len(regions) - 1] = _batch(sdpa)
     # temporal attention: self-attention whose batch folds in more than the smallest self-attention
@@ -269,22 +258,18 @@ def split_attention(gm: fx.GraphModule, chain: BlockChain, regions: list[Attenti
         k = region_of.get(node)
         return 2 * k + 1 if k is not None else 2 * (after[node] + 1)
 
-    parent = split_module(gm, None, partition, keep_original_order=True, keep_original_node_name=True,
-                          tuple_return=True)
-    calls = {int(c.target.rsplit("_", 1)[1]): c for c in parent.graph.nodes if c.op == "call_module"}
-    last = max(calls)
+    parent, pieces = split_by(gm, partition)
+    last = max(pieces)
     segments = []
-    for p in sorted(calls):
-        sub = getattr(parent, calls[p].target)
-        ins = [x.name for x in sub.graph.find_nodes(op="placeholder")]
-        outs = [a.name for a in next(iter(sub.graph.find_nodes(op="output"))).args[0]]
+    for p in sorted(pieces):
+        module_name, ins, outs = pieces[p]
         if p % 2:
             r = regions[p // 2]
-            seg = Segment("mid", [r.block_name], calls[p].target, ins, outs, [None] * len(outs), attention=r.kind,
+            seg = Segment("mid", [r.block_name], module_name, ins, outs, [None] * len(outs), attention=r.kind,
                           heads=r.heads)
         else:
             kind = "fn" if not segments else ("epilogue" if p == last else "always")
-            seg = Segment(kind, [], calls[p].target, ins, outs)
+            seg = Segment(kind, [], module_name, ins, outs)
         segments.append(seg)
     if segments[0].kind != "fn":
         raise NoBlockChain("the graph starts inside an attention region")

@@ -196,16 +196,26 @@ def _split(gm: fx.GraphModule, starts: list[tuple[int, str, list[str]]], pos: di
     def partition(node: fx.Node) -> int:
         return bisect.bisect_right(bounds, pos[node]) - 1
 
-    parent = split_module(gm, None, partition, keep_original_order=True,
-                          keep_original_node_name=True, tuple_return=True)
-    calls = {int(c.target.rsplit("_", 1)[1]): c for c in parent.graph.nodes if c.op == "call_module"}
+    parent, pieces = split_by(gm, partition)
     segments, spans = [], []
     for k, (begin, kind, names) in enumerate(starts):
-        if k not in calls:        # an empty segment (no prologue nodes, say)
+        if k not in pieces:        # an empty segment (no prologue nodes, say)
             continue
-        sub = getattr(parent, calls[k].target)
-        ins = [p.name for p in sub.graph.find_nodes(op="placeholder")]
-        out_node = next(iter(sub.graph.find_nodes(op="output")))
-        segments.append(Segment(kind, names, calls[k].target, ins, [a.name for a in out_node.args[0]]))
+        module_name, ins, outs = pieces[k]
+        segments.append(Segment(kind, names, module_name, ins, outs))
         spans.append((begin, (starts[k + 1][0] if k + 1 < len(starts) else len(pos)) - 1))
     return parent, segments, spans
+
+
+def split_by(gm: fx.GraphModule, partition) -> tuple[fx.GraphModule, dict[int, tuple[str, list, list]]]:
+    """``split_module`` by ``partition(node) -> int``, keeping node names and order; the parent and,
+    per partition that has nodes, its (submodule name, input names, output names)."""
+    parent = split_module(gm, None, partition, keep_original_order=True,
+                          keep_original_node_name=True, tuple_return=True)
+    pieces = {}
+    for call in parent.graph.find_nodes(op="call_module"):
+        sub = getattr(parent, call.target)
+        out_node = next(iter(sub.graph.find_nodes(op="output")))
+        pieces[int(call.target.rsplit("_", 1)[1])] = (
+            call.target, [p.name for p in sub.graph.find_nodes(op="placeholder")], [a.name for a in out_node.args[0]])
+    return parent, pieces

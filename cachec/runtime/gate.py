@@ -225,6 +225,7 @@ class CachedGraph:
         self.timestep_settled = len(timestep_inputs) <= 1   # settled: only the chosen input is read
         # graphs of one model cut alike (a static graph and its dynamic-shape recompile) share caches
         self.call = _Call(plan.layout(), len(plan.segments))
+        self.lagged = strategy.lagged
         for k, (seg, run) in enumerate(zip(plan.segments, pieces)):
             if k == plan.gate_segment:
                 mod = FnGate(run, plan.gate_hidden_in, plan.gate_hidden_out, gate_layout, self.call, strategy,
@@ -284,9 +285,10 @@ class CachedGraph:
         call.timesteps = self._timesteps(rs, args) if rs.needs_timestep(call.context) else []
         call.shape_key = tuple(tuple(args[i].shape) for i in self.shape_inputs)
         call.guess = rs.predict(call.context, call.shape_key)
-        call.pending = []
+        if self.lagged:   # DiTango: the rows its layers measure during this call
+            call.pending = []
         out = self.run(*args)
-        if call.pending:
+        if self.lagged and call.pending:
             rs.pending = torch.cat(call.pending)
         if rs.last_step is not None and call.step >= rs.last_step:
             rs.end_call(call.branch)

@@ -24,7 +24,8 @@ from typing import Callable, Optional
 
 import torch
 
-from ..options import DBCacheConfig, DBPruneConfig, DiTangoConfig, FlexDBCacheConfig, PABConfig, TeaCacheConfig
+from ..options import (DBCacheConfig, DBPruneConfig, DiTangoConfig, FlexDBCacheConfig, PABConfig, TeaCacheConfig,
+                       check_steps)
 from ..plan import SplitPlan, l1_sums, probe_sums, ratio
 from .calibrators import lookup
 from .state import BranchState, RegionCache, RequestState
@@ -89,10 +90,7 @@ class DBCache:
                               f"cachec.refresh(model, num_inference_steps=N)); until then no step is a cooldown "
                               f"step", CachecWarning, stacklevel=4)
             return False
-        warmup = self.config.max_warmup_steps
-        if warmup + self.cooldown > last:
-            raise ValueError(f"warmup={warmup} + cooldown={self.cooldown} must be < num_inference_steps="
-                             f"{last + 1}: warmup + cooldown < num_inference_steps (every step would compute)")
+        check_steps(self.config.max_warmup_steps, self.cooldown, last + 1)
         return step > last - self.cooldown
 
     def decide(self, call, branch: BranchState, step: int, signals: Signals, residual) -> None:
@@ -292,7 +290,19 @@ class TeaCache(DBCache):
         call.compute = self.all[compute]
 
 
-class PAB(DBCache):
+class _Scheduled(DBCache):
+    """A strategy whose gate measures nothing (PAB, DiTango): the gate segment only places the call."""
+
+    signal = "none"
+
+    def signal_inputs(self, branch: Optional[BranchState], like) -> tuple[list, bool]:
+        return [], False
+
+    def measure(self, branch: BranchState, hidden_out, residual) -> Optional[list]:
+        return None
+
+
+class PAB(_Scheduled):
     """Pyramid Attention Broadcast: each attention output (a region, ``passes.attention``) is
     computed once every ``self_attention_range`` steps (self and joint attention),
     ``temporal_attention_range`` (across frames) or ``cross_attention_range`` steps (cross
@@ -301,18 +311,11 @@ class PAB(DBCache):
     and "nothing cached yet" compute every attention."""
 
     granularity = "attention"
-    signal = "none"
 
     def __init__(self, config: PABConfig, plan: SplitPlan, blocks: list[str], model: str = ""):
         super().__init__(config, plan, blocks)
         every = {"cross": config.cross_attention_range, "temporal": config.temporal_attention_range}
         self.ranges = {k: every.get(plan.segments[k].attention, config.self_attention_range) for k in plan.regions()}
-
-    def signal_inputs(self, branch: Optional[BranchState], like) -> tuple[list, bool]:
-        return [], False
-
-    def measure(self, branch: BranchState, hidden_out, residual) -> Optional[list]:
-        return None
 
     def decide(self, call, branch: BranchState, step: int, signals: Signals, residual) -> None:
         forced = self.step_forced(call.request, branch, step)
@@ -333,7 +336,7 @@ class PAB(DBCache):
         call.compute = compute
 
 
-class DiTango(PAB):
+class DiTango(_Scheduled):
     """DiTango on one device: each (layer, head group) of attention work is a region
     (``passes.attention.split_heads``), reused while its error estimate stays under the
     ``cache_ratio``-quantile of the estimates seen so far in the generation.
@@ -356,7 +359,7 @@ class DiTango(PAB):
     lagged = True
 
     def __init__(self, config: DiTangoConfig, plan: SplitPlan, blocks: list[str], model: str = ""):
-        DBCache.__init__(self, config, plan, blocks)
+        super().__init__(config, plan, blocks)
         self.order = plan.regions()
         self.ratio = config.cache_ratio
         self.output_dir = config.output_dir
