@@ -7,12 +7,13 @@
 from .backend import CachecWarning, cachec_backend, refresh, release, request, summary
 from .compile_configs import is_enabled, set_compile_configs, set_enabled
 from .options import (BackendOptions, DBCacheConfig, DBPruneConfig, FlexCacheConfig, FoCaCalibratorConfig,
-                      TaylorSeerCalibratorConfig, TeaCacheConfig, PABConfig, DiTangoConfig, parse_options, steps_mask)
+                      TaylorSeerCalibratorConfig, TeaCacheConfig, PABConfig, DiTangoConfig, UlyssesConfig, parse_options,
+                      steps_mask)
 from .runtime.summary import CacheSummary
 
 __all__ = ["cachec_backend", "summary", "refresh", "request", "release", "set_compile_configs", "set_enabled",
            "is_enabled", "DBCacheConfig", "DBPruneConfig", "TeaCacheConfig", "PABConfig", "DiTangoConfig",
-           "FlexCacheConfig", "TaylorSeerCalibratorConfig",
+           "FlexCacheConfig", "TaylorSeerCalibratorConfig", "UlyssesConfig",
            "FoCaCalibratorConfig", "BackendOptions", "parse_options",
            "steps_mask", "CacheSummary", "CachecWarning"]
 __version__ = "0.1.0"

@@ -19,7 +19,8 @@ from torch._guards import TracingContext, detect_fake_mode, tracing
 
 from .compile_configs import is_enabled, log_disabled_once, set_compile_configs, watch_recompile_limit
 from .options import BackendOptions, parse_options
-from .passes import NoBlockChain, find_graph_inputs, plan_graph
+from .passes import NoBlockChain, find_block_chain, find_block_loops, find_graph_inputs, plan_graph
+from .passes.ulysses import shard_graph
 from .passes.calibrate import combination_graph
 from .passes.residuals import fuse_gate_signals, fuse_residuals
 from .passes.inputs import static_tensor
@@ -304,12 +305,41 @@ def _plain_compile(opts: BackendOptions, gm: fx.GraphModule, example_inputs: lis
     return lookup_backend(opts.inner_backend)(gm, example_inputs, **extra)
 
 
+def _shard(opts: BackendOptions, gm: fx.GraphModule, example_inputs: list):
+    """Ulysses: rewrite ``gm`` for this rank (``passes.ulysses``). Returns (what it did,
+    the process group), or (None, None) where the graph holds no block chain (it then
+    runs whole on every rank, as the graphs around a graph break do)."""
+    group, world, rank = opts.ulysses.resolve()
+    try:
+        inputs = find_graph_inputs(gm)
+        chain = find_block_chain(gm, find_block_loops(gm), inputs)
+    except NoBlockChain as why:
+        warnings.warn(f"cachec: Ulysses found no block chain in this graph ({why}); it runs whole on each of the "
+                      f"{world} ranks", CachecWarning, stacklevel=3)
+        return None, None
+    fake_mode = detect_fake_mode(example_inputs) or TracingContext.get().fake_mode
+    info = shard_graph(gm, chain, world, rank, group.group_name, opts.ulysses.comm, fake_mode)
+    seen = [None] * world   # every rank must have cut alike, or the collectives would not pair up
+    torch.distributed.all_gather_object(seen, info.signature(), group=group)
+    if any(s != seen[0] for s in seen):
+        raise ValueError(f"cachec: the ranks of the Ulysses group cut the graph differently ({seen}): every rank "
+                         f"must compile the same model with the same input shapes and options")
+    return info, group
+
+
 def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optional[dict] = None) -> Callable:
     """Dynamo backend: rewrite the block chain of ``gm`` into a cached graph."""
     opts = parse_options(options)
     if opts.recompile_limits:
         set_compile_configs(**{k: opts.recompile_limits.get(k) for k in ("recompile_limit",
                                                                            "accumulated_recompile_limit")})
+    parallel, group = None, None
+    if opts.ulysses is not None and opts.ulysses.ulysses_size > 1:
+        if opts.cache_config is not None and strategy_for(opts.cache_config).lagged:
+            raise ValueError(f"cachec: {opts.cache_config.cache_type} measures during one call and reads the "
+                             f"result in the next, which Ulysses cannot reduce across ranks yet: use DBCache, "
+                             f"TeaCache, PAB, DBPrune or SCM with ulysses_size, or leave ulysses_size out")
+        parallel, group = _shard(opts, gm, example_inputs)
     if opts.cache_config is None:     # {"flexcache": None}: caching off for this model
         return _plain_compile(opts, gm, example_inputs)
     if not is_enabled():              # CACHEC_ENABLE=0 / cachec.set_enabled(False): off for the process
@@ -365,7 +395,8 @@ def cachec_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optiona
     regions = _region_calibrators(compile_graph, plan, calibrator, fake_mode) if calibrator is not None else {}
     handler = strategy(cfg, plan, chain.names, model=type(module).__name__ if module is not None else "")
     timesteps = {i: inputs.name(i) for i in inputs.timestep_candidates}
-    cached = CachedGraph(plan, pieces, layout, handler, regions, state, timesteps, inputs.user_inputs)
+    cached = CachedGraph(plan, pieces, layout, handler, regions, state, timesteps, inputs.user_inputs, group)
+    info["ulysses"] = parallel
     state.chain_info = info
     return cached
 

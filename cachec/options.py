@@ -636,6 +636,80 @@ def calibrator_from(value: Any):
     return cls(**fields)
 
 
+ULYSSES_COMMS = ("bf16", "fp8")
+ULYSSES_KEYS = ("ulysses_size", "ulysses_comm", "ulysses_group")
+
+
+@dataclass(frozen=True)
+class UlyssesConfig:
+    """Ulysses context parallelism: each of ``ulysses_size`` ranks holds a slice of the
+    tokens, and attention exchanges them for a slice of the heads (``passes.ulysses``).
+
+    ``ulysses_comm``: "bf16" sends activations as they are (the input dtype; the
+    default), "fp8" sends queries, values and the attention output as float8_e4m3fn
+    with one scale per token and head (keys stay as they are). ``ulysses_group``: a
+    ``torch.distributed`` process group of ``ulysses_size`` ranks; by default the
+    default group, which must then have exactly ``ulysses_size`` ranks.
+    """
+
+    ulysses_size: int
+    ulysses_comm: Optional[str] = None
+    ulysses_group: Any = None
+
+    def __post_init__(self):
+        _int_at_least(1)("ulysses_size", self.ulysses_size)
+        if self.ulysses_comm is not None and self.ulysses_comm not in ULYSSES_COMMS:
+            raise ValueError(f"ulysses_comm={self.ulysses_comm!r} is invalid: expected one of {ULYSSES_COMMS} "
+                             f"(None: 'bf16', the input dtype)")
+
+    @property
+    def comm(self) -> str:
+        return self.ulysses_comm or "bf16"
+
+    def resolve(self):
+        """(process group, its size, this process's rank in it); a ValueError where
+        torch.distributed is not set up to match."""
+        import torch.distributed as dist
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError(f"ulysses_size={self.ulysses_size} needs torch.distributed: call "
+                             f"torch.distributed.init_process_group() first (torchrun sets up the environment "
+                             f"for it), or leave ulysses_size out")
+        group = self.ulysses_group
+        if group is None:
+            world = dist.get_world_size()
+            if world != self.ulysses_size:
+                raise ValueError(f"ulysses_size={self.ulysses_size} but the default process group has {world} "
+                                 f"ranks: give ulysses_size={world}, or a group of {self.ulysses_size} ranks as "
+                                 f"ulysses_group (torch.distributed.new_subgroups({self.ulysses_size}))")
+            group = dist.group.WORLD
+        elif not isinstance(group, dist.ProcessGroup):
+            raise ValueError(f"ulysses_group={group!r} is invalid: expected a torch.distributed ProcessGroup")
+        elif group.size() != self.ulysses_size:
+            raise ValueError(f"ulysses_size={self.ulysses_size} but ulysses_group has {group.size()} ranks")
+        return group, group.size(), dist.get_rank(group)
+
+
+def _ulysses_config(value: Any, flat: Mapping) -> Optional[UlyssesConfig]:
+    if value is not None and flat:
+        raise ValueError(f"options {sorted(flat)} contradict 'ulysses_config': give them either flat or inside "
+                         f"cachec.UlyssesConfig, not both")
+    if value is None:
+        if not flat:
+            return None
+        if "ulysses_size" not in flat:
+            raise ValueError(f"options {sorted(flat)} need ulysses_size (the number of ranks sharing the sequence)")
+        return UlyssesConfig(**flat)
+    if isinstance(value, UlyssesConfig):
+        return value
+    if isinstance(value, Mapping):
+        for k in value:
+            if k not in ULYSSES_KEYS:
+                raise _unknown_key(k, ULYSSES_KEYS, " of ulysses_config")
+        return _ulysses_config(None, value)
+    raise ValueError(f"ulysses_config={value!r} is invalid: expected a cachec.UlyssesConfig or a dict of "
+                     f"{ULYSSES_KEYS}")
+
+
 @dataclass(frozen=True)
 class BackendOptions:
     """Everything the backend needs: how to compile, and the cache schedule."""
@@ -652,6 +726,8 @@ class BackendOptions:
     # inductor: blocks of equal structure in one compiled piece compile once (passes.share)
     share_blocks: bool = True
     flex: Optional[FlexCacheConfig] = None
+    # Ulysses context parallelism across ranks (passes.ulysses); None: one process
+    ulysses: Optional[UlyssesConfig] = None
 
     def __post_init__(self):
         if isinstance(self.cache_config, FlexCacheConfig):
@@ -758,11 +834,16 @@ def parse_options(options: Optional[Mapping[str, Any]]) -> BackendOptions:
         return BackendOptions()
     if not isinstance(options, Mapping):
         raise ValueError(f"options={options!r} is invalid: expected a dict")
-    known = BACKEND_KEYS + LIMIT_KEYS + CACHE_KEYS + ("cache_type", LEGACY_FLEX_KEY) + FLEX_ONLY_KEYS
-    backend_kw, flat, flex, limits = {}, {}, {}, {}
+    known = BACKEND_KEYS + LIMIT_KEYS + CACHE_KEYS + ("cache_type", LEGACY_FLEX_KEY) + FLEX_ONLY_KEYS \
+        + ULYSSES_KEYS + ("ulysses_config",)
+    backend_kw, flat, flex, limits, ulysses = {}, {}, {}, {}, {}
     for k, v in options.items():
         if k in BACKEND_KEYS:
             backend_kw[k] = v
+        elif k in ULYSSES_KEYS:
+            ulysses[k] = v
+        elif k == "ulysses_config":
+            continue
         elif k in LIMIT_KEYS:
             limits[k] = v
         elif k in FLEX_ONLY_KEYS or k == LEGACY_FLEX_KEY:
@@ -788,7 +869,8 @@ def parse_options(options: Optional[Mapping[str, Any]]) -> BackendOptions:
         backend_kw["cache_config"] = _cache_config_from(backend_kw["cache_config"])
     else:
         backend_kw["cache_config"] = _strategy_config(flat)
-    return BackendOptions(**backend_kw, recompile_limits=limits)
+    return BackendOptions(**backend_kw, recompile_limits=limits,
+                          ulysses=_ulysses_config(options.get("ulysses_config"), ulysses))
 
 
 def _flex_config(flex: Mapping, num_inference_steps: Optional[int]) -> Optional[FlexCacheConfig]:

@@ -48,7 +48,9 @@ _LINEAR = {torch.nn.functional.linear, torch._C._nn.linear}
 
 
 def _is_sdpa(node: fx.Node) -> bool:
-    return node.op == "call_function" and getattr(node.target, "__name__", "") == "scaled_dot_product_attention"
+    """Attention as diffusers emits it, or as ``passes.ulysses`` made it."""
+    return node.op == "call_function" and getattr(node.target, "__name__", "") in (
+        "scaled_dot_product_attention", "ulysses_attention.default")
 
 
 def _passes_through(node: fx.Node) -> bool:

@@ -7,9 +7,11 @@ depends on them, so computed and cached steps never recompile
 from __future__ import annotations
 
 import threading
+import zlib
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from ..plan import GateLayout, SplitPlan, forward_of, l1_sums, split_region_outputs
 from .context import CallContext
@@ -52,10 +54,13 @@ class FnGate:
     """
 
     def __init__(self, run: Callable, hidden_in: Optional[int], hidden_out: Optional[int], layout: GateLayout,
-                 call: _Call, strategy, read_timestep: Callable[[list], Optional[float]], hidden_value=None):
+                 call: _Call, strategy, read_timestep: Callable[[list], Optional[float]], hidden_value=None,
+                 group=None):
         self.run, self.hidden_in, self.hidden_out, self.layout = run, hidden_in, hidden_out, layout
         self.call, self.strategy = call, strategy
         self.read_timestep = read_timestep
+        # Ulysses: the ranks hold slices of the tokens; their partial sums add up in one all-reduce
+        self.ranks = RankAgreement(group) if group is not None else None
         # where the hidden states are made inside the segment (static shapes), what they look like
         self.like = None if hidden_in is not None or layout.eager_sums else _Like(hidden_value)
 
@@ -77,7 +82,10 @@ class FnGate:
             sums, state.pending = state.pending, None
             measurable = sums is not None
         t, read = None, None
-        if state.needs_timestep(call.context) and call.timesteps:
+        if self.ranks is not None:
+            ts = call.timesteps if state.needs_timestep(call.context) else []
+            t, read = self.ranks.read(call, state, ts, sums, measurable, self.read_timestep)
+        elif state.needs_timestep(call.context) and call.timesteps:
             values = _read([*call.timesteps, sums] if measurable else call.timesteps)
             t = self.read_timestep(values[:len(call.timesteps)])
             read = values[len(call.timesteps):] if measurable else None
@@ -93,10 +101,71 @@ class FnGate:
                 return read if read is not None else (sums.flatten().tolist() if sums is not None else None)
             if b is guess and measurable:
                 return read if read is not None else sums.flatten().tolist()
-            return strategy.measure(b, None if self.hidden_out is None else outs[self.hidden_out], residual)
+            measured = strategy.measure(b, None if self.hidden_out is None else outs[self.hidden_out], residual)
+            return measured if self.ranks is None or measured is None else self.ranks.total(measured, residual)
 
         strategy.decide(call, b, step, signals, residual)
         return tuple(outs)
+
+
+class RankAgreement:
+    """The gate's one read under Ulysses: every rank measured its slice of the tokens,
+    so the partial sums (sum|dR|, sum|R_prev| per signal) are all-reduced before the
+    read, and the decision, taken from the sums, is the single-process one on every
+    rank. With the sums travel fingerprints of what else the decision depends on
+    (the timestep read, and the call's place in the request: generation, call count,
+    step, branch, whether it measured), each as (x, x^2) of a small integer, so that
+    after the reduce ``P * sum(x^2) == sum(x)^2`` holds exactly iff every rank had
+    the same x. Every rank sees the same reduced values, so where they differ every
+    rank raises at once, before the blocks whose collectives would deadlock."""
+
+    def __init__(self, group):
+        self.group, self.world = group, group.size()
+
+    def read(self, call: _Call, state: RequestState, timesteps: list, sums, measurable: bool,
+             read_timestep: Callable) -> tuple[Optional[float], Optional[list]]:
+        device = sums.device if sums is not None else timesteps[0].device if timesteps else None
+        if sums is None or not measurable:   # same length on every rank: zeros where nothing is compared
+            width = sums.numel() if sums is not None else 2
+            sums = torch.zeros(width, dtype=torch.float64, device=device)
+        guess = call.guess
+        place = (state.generation, state.calls, state.steps, state.step, state.call_in_step, measurable,
+                 None if guess is None else str(guess.key), None if call.context is None else
+                 (call.context.name, call.context.step_index), call.shape_key)
+        parts = [sums.detach().reshape(-1).double(), _pair(torch.tensor(float(zlib.crc32(repr(place).encode()) & 0xFFFFF),
+                                                                       dtype=torch.float64, device=device))]
+        for t in timesteps:   # the bits of the float32 value, in two integers of 20 and 12 bits
+            bits = t.float().reshape(1).view(torch.int32)
+            parts += [_pair((bits & 0xFFFFF).double()), _pair((bits >> 20).double())]
+        vec = torch.cat(parts)
+        dist.all_reduce(vec, group=self.group)
+        values = _read([*timesteps, vec], torch.float64)   # fingerprints squared need float64's 53 bits
+        n_t = len(timesteps)
+        reduced = values[n_t:]
+        width = parts[0].numel()
+        checks = reduced[width:]
+        what = ["the call's place in the generation (step, branch, calls so far, cached state)"] + \
+            [f"timestep {i}" for i in range(n_t) for _ in (0, 1)]
+        for k in range(0, len(checks), 2):
+            if self.world * checks[k + 1] != checks[k] * checks[k]:
+                raise RuntimeError(f"cachec: the {self.world} ranks of the Ulysses group disagree on "
+                                   f"{what[k // 2]}: they would take different cache decisions and deadlock "
+                                   f"in the next collective. Every rank must run the same pipeline calls with "
+                                   f"the same timesteps and options (and refresh at the same points).")
+        t = read_timestep(values[:n_t]) if n_t else None
+        return t, (reduced[:width] if measurable else None)
+
+    def total(self, local: list, like: torch.Tensor) -> list:
+        """Signals measured outside the fused read (a call placed in another branch than
+        predicted, the same on every rank), summed over the ranks."""
+        vec = torch.tensor(local, dtype=torch.float64, device=like.device)
+        dist.all_reduce(vec, group=self.group)
+        return vec.tolist()
+
+
+def _pair(x: torch.Tensor) -> torch.Tensor:
+    x = x.reshape(1)
+    return torch.cat([x, x * x])
 
 
 class _Like:
@@ -108,11 +177,11 @@ class _Like:
         self.shape, self.dtype, self.device = torch.Size(value.shape), value.dtype, value.device
 
 
-def _read(values: list) -> list[float]:
+def _read(values: list, dtype: torch.dtype = torch.float32) -> list[float]:
     """Tensors (any dtype, shape and device) to one flat list of Python floats, in one
     device-to-host copy."""
     device = values[-1].device
-    return torch.cat([v.detach().reshape(-1).to(device=device, dtype=torch.float32) for v in values]).tolist()
+    return torch.cat([v.detach().reshape(-1).to(device=device, dtype=dtype) for v in values]).tolist()
 
 
 class Region:
@@ -217,7 +286,7 @@ class CachedGraph:
 
     def __init__(self, plan: SplitPlan, pieces: list[Callable], gate_layout: GateLayout, strategy,
                  regions: dict[int, tuple[list, list]], state: ModelState,
-                 timestep_inputs: dict[int, str], shape_inputs: list[int]):
+                 timestep_inputs: dict[int, str], shape_inputs: list[int], group=None):
         self.state = state
         self.timestep_inputs, self.timestep_names = list(timestep_inputs), list(timestep_inputs.values())
         self.shape_inputs = shape_inputs
@@ -229,7 +298,7 @@ class CachedGraph:
         for k, (seg, run) in enumerate(zip(plan.segments, pieces)):
             if k == plan.gate_segment:
                 mod = FnGate(run, plan.gate_hidden_in, plan.gate_hidden_out, gate_layout, self.call, strategy,
-                             self._choose_timestep, plan.example_values.get(plan.gate_hidden_name))
+                             self._choose_timestep, plan.example_values.get(plan.gate_hidden_name), group)
             elif seg.kind == "mid":
                 calibrators, combine = regions.get(k, (None, None))
                 hidden = None
