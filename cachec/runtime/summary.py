@@ -53,6 +53,8 @@ class CacheSummary:
     shared_blocks: tuple[int, int] = (0, 0)
     # TeaCache: the node the gate measures (block 0's modulated input, copied before the chain)
     gate_input: Optional[str] = None
+    # Ulysses (passes.ulysses.UlyssesInfo): ranks, communication, what was sharded and gathered
+    ulysses: Optional[object] = None
 
     def __str__(self) -> str:
         lines = [f"cachec: {len(self.blocks)} chained blocks, Fn={self.Fn} Bn={self.Bn} ({self.config}); "
@@ -62,6 +64,11 @@ class CacheSummary:
                     f"{self.shared_blocks[1]} compiled subgraphs" if self.shared_blocks[1] else ""),
                  f"generation {self.generation}: {self.steps} steps, {self.calls} calls; steps and branches "
                  f"from: {self.identity}"]
+        if self.ulysses is not None:
+            u = self.ulysses
+            lines.append(f"ulysses: rank {u.rank} of {u.world}, {u.comm} all-to-all; sharded {', '.join(u.sharded)}; "
+                         f"{u.attention} attention calls ({u.cross_attention} with whole keys/values); the gate's "
+                         f"sums are all-reduced" + (f"; read gathered: {', '.join(u.gathered)}" if u.gathered else ""))
         if self.gate_input:
             lines.append(f"gate measures: {self.gate_input}, computed before the chain (the diff column is its "
                          f"relative L1 change since the branch's previous call)")
@@ -135,4 +142,5 @@ def summarize(model: ModelState, state: RequestState) -> CacheSummary:
         segments=list(info.get("segments", [])), config=state.config.short_name(), identity=state.identity,
         unpaired=list(info.get("unpaired", [])), unproven=dict(info.get("unproven", {})),
         strategy=state.config.cache_type, blocks_total=len(info.get("blocks", [])),
-        shared_blocks=tuple(info.get("shared", (0, 0))), gate_input=info.get("gate_input"))
+        shared_blocks=tuple(info.get("shared", (0, 0))), gate_input=info.get("gate_input"),
+        ulysses=info.get("ulysses"))

@@ -1,0 +1,179 @@
+"""What each rank runs in the Ulysses tests (tests/test_ulysses.py) and bench/ulysses.py.
+
+``spawn(jobs, world)`` starts ``world`` processes with the gloo backend on CPU; each
+runs every job ``(key, function name, kwargs)`` in order, as ``fn(rank, world, **kwargs)``,
+and the results come back per rank: ``results[rank][key]``. Jobs run in one process
+group, so a job whose collectives did not pair up shows as a timeout, never a hang.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from tiny_models import _image_ids, _randn, build  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str, jobs: list) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = {}
+    try:
+        for key, name, kwargs in jobs:
+            torch._dynamo.reset()
+            try:
+                results[key] = globals()[name](rank, world, **kwargs)
+            except Exception as e:   # reported per job: a test asserts on it
+                results[key] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+        torch.save(results, os.path.join(out, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(jobs: list, world: int = 2, timeout: float = 900.0) -> list[dict]:
+    """Run ``jobs`` on ``world`` gloo ranks; returns each rank's results."""
+    with tempfile.TemporaryDirectory() as out:
+        ctx = mp.start_processes(_worker, args=(world, _free_port(), out, jobs), nprocs=world, join=False,
+                                 start_method="spawn")
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"the {world} ranks did not finish {[j[0] for j in jobs]} in {timeout} s")
+        return [torch.load(os.path.join(out, f"{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def case_for(model: str, uneven: bool, dtype: torch.dtype = torch.float32):
+    """The tiny test model, at token counts a 2-rank group splits evenly, or not (``uneven``)."""
+    case = build(model)
+    case.model.to(dtype)
+    if not uneven:
+        return case
+    if model == "flux":   # 7 text and 49 image tokens
+        return dataclasses.replace(
+            case, latent_shape=(49, 16),
+            conditioning=lambda b, g: {"encoder_hidden_states": _randn(g, b, 7, 32), "pooled_projections": _randn(g, b, 32)},
+            extras=lambda b: {"img_ids": _image_ids(7, 7), "txt_ids": torch.zeros(7, 3), "guidance": torch.full((b,), 3.5)})
+    if model == "wan":    # 3 frames of 3x3 patches: 27 tokens
+        return dataclasses.replace(case, latent_shape=(4, 3, 6, 6))
+    raise ValueError(model)
+
+
+def _tokens(latent: torch.Tensor) -> int:
+    return latent.shape[1] if latent.dim() == 3 else latent[0, 0].numel() // 4
+
+
+def _token_index(latent: torch.Tensor) -> torch.Tensor:
+    """Each latent element's token position: packed [B, tokens, C], or [B, C, F, H, W]
+    under Wan's (1, 2, 2) patches."""
+    if latent.dim() == 3:
+        return torch.arange(latent.shape[1])[None, :, None]
+    F, H, W = latent.shape[2:]
+    f, h, w = torch.meshgrid(torch.arange(F), torch.arange(H), torch.arange(W), indexing="ij")
+    return f * (H // 2) * (W // 2) + (h // 2) * (W // 2) + w // 2
+
+
+def schedule(case, steps: int, dtype: torch.dtype = torch.float32, focus: bool = False) -> list[dict]:
+    """The inputs of ``steps`` calls, fixed in advance (no feedback from the outputs, so
+    two runs see the same inputs and their outputs compare call by call). The latent
+    drifts from step to step; with ``focus`` the drift of every other step falls on
+    the last half of the image tokens only (what rank 1 holds), so the two ranks'
+    own measurements of the change straddle a threshold that their sum does not."""
+    kw0 = case.inputs(1.0)
+    latent = kw0[case.latent_key]
+    gen = torch.Generator().manual_seed(7)
+    calls = []
+    for k in range(steps):
+        t = 1.0 - k * (0.02 if focus else 1 / steps)
+        drift = torch.randn(latent.shape, generator=gen)
+        if focus and k % 2 == 1:
+            drift *= 0.6 * (_token_index(latent) >= _tokens(latent) // 2)
+        else:
+            drift *= 0.02 if focus else 0.1
+        latent = latent + drift
+        kw = case.with_latent(case.inputs(t), latent)
+        calls.append({k2: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k2, v in kw.items()})
+    return calls
+
+
+def trajectory(rank: int, world: int, model: str, uneven: bool = False, options: dict | None = None,
+               steps: int = 3, compiled: bool = True, focus: bool = False, dtype: str = "float32",
+               bad_timestep_at: int | None = None) -> dict:
+    """Run the schedule through the model (uncompiled, or compiled with ``options``);
+    returns the outputs, the cache summary and each gate read's local partial sums."""
+    import cachec
+    torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    case = case_for(model, uneven, dt)
+    calls = schedule(case, steps, dt, focus)
+    if bad_timestep_at is not None and rank == world - 1:   # this rank's pipeline went astray
+        calls[bad_timestep_at][case.timestep_key] = calls[bad_timestep_at][case.timestep_key] + 0.5
+    local = []
+    real_all_reduce = dist.all_reduce
+
+    def recording(tensor, *a, **k):   # the gate's partial sums as this rank measured them
+        local.append(tensor[:2].tolist())
+        return real_all_reduce(tensor, *a, **k)
+
+    m = torch.compile(case.model, backend="cachec", options=options) if compiled else case.model
+    outs = []
+    dist.all_reduce = recording
+    try:
+        with torch.no_grad():
+            for kw in calls:
+                outs.append(case.latent_of(m(**kw)).float())
+    finally:
+        dist.all_reduce = real_all_reduce
+    result = {"outs": outs, "local": local}
+    if compiled and (options or {}).get("flexcache", 0) is not None:
+        s = cachec.summary(m)
+        result["computed"], result["cached"] = list(s.computed_steps), list(s.cached_steps)
+        result["ulysses"] = s.ulysses
+    return result
+
+
+def collective_bytes(rank: int, world: int, model: str, comm: str, steps: int = 2) -> dict:
+    """Bytes this rank sends through Ulysses' all-to-alls per transformer call, and the
+    time per call (bench/ulysses.py)."""
+    from cachec.parallel import ulysses as U
+    sent = [0]
+    real = U._exchange
+
+    def counting(out, inp, pg):
+        sent[0] += inp.numel() * inp.element_size() * (world - 1) // world   # its own chunk stays
+        return real(out, inp, pg)
+
+    case = case_for(model, False)
+    calls = schedule(case, steps + 1)
+    m = torch.compile(case.model, backend="cachec", options={"flexcache": None, "ulysses_size": world,
+                                                              "ulysses_comm": comm})
+    U._exchange = counting
+    try:
+        with torch.no_grad():
+            m(**calls[0])   # compiles
+            sent[0] = 0
+            start = time.perf_counter()
+            for kw in calls[1:]:
+                m(**kw)
+            elapsed = (time.perf_counter() - start) / steps
+    finally:
+        U._exchange = real
+    return {"bytes": sent[0] / steps, "seconds": elapsed}
