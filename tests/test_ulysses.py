@@ -148,3 +148,39 @@ def test_pass_rejects_what_it_cannot_split(world, rank, match):
     with torch.no_grad():
         torch.compile(case.model, backend=backend)(**case.inputs(1.0))
     assert seen
+
+
+def test_real_pipelines_on_two_ranks():
+    """WanPipeline (CFG as two named calls per step, UniPC, int64 timesteps) cached under Ulysses
+    takes the single-process decisions per branch; FluxPipeline in bf16 with fp8 communication
+    stays close to the uncompiled pipeline."""
+    db = {**DB, "residual_diff_threshold": 0.1}
+    results = spawn([
+        ("wan single", "pipeline_run", dict(name="wan", options=db)),
+        ("wan par", "pipeline_run", dict(name="wan", options={**db, "ulysses_size": 2})),
+        ("flux ref", "pipeline_run", dict(name="flux")),
+        ("flux fp8", "pipeline_run", dict(name="flux", options={**OFF, "ulysses_size": 2, "ulysses_comm": "fp8"})),
+    ])
+    for r in results:
+        assert all("error" not in v for v in r.values()), [v.get("trace") for v in r.values()]
+        single, par = r["wan single"], r["wan par"]
+        assert par["branches"] == single["branches"] and set(par["branches"]) == {"cond", "uncond"}
+        assert any(cached for _, cached in single["branches"].values())
+        assert (par["out"] - single["out"]).abs().max() < 1e-4
+        flux = (r["flux fp8"]["out"] - r["flux ref"]["out"]).abs().max().item()
+        assert flux < 0.05, flux   # images in [0, 1]; bf16 model, fp8 exchange
+
+
+@pytest.mark.inductor
+def test_inductor_on_two_ranks():
+    """Segments with the Ulysses ops compile through inductor; cached decisions and outputs
+    equal the single-process inductor run."""
+    db = {**DB, "inner_backend": "inductor", "residual_diff_threshold": THRESHOLD["flux"], "enable_taylorseer": True}
+    common = dict(model="flux", steps=6, focus=True)
+    results = spawn([("single", "trajectory", dict(**common, options=db)),
+                     ("par", "trajectory", dict(**common, options={**db, "ulysses_size": 2, "ulysses_comm": "fp8"}))])
+    for r in results:
+        assert "error" not in r["par"], r["par"].get("trace")
+        assert (r["par"]["computed"], r["par"]["cached"]) == (r["single"]["computed"], r["single"]["cached"])
+        assert r["single"]["cached"]
+        assert _rel_err(r["par"]["outs"], r["single"]["outs"]) < FP8_BOUND

@@ -177,3 +177,20 @@ def collective_bytes(rank: int, world: int, model: str, comm: str, steps: int = 
     finally:
         U._exchange = real
     return {"bytes": sent[0] / steps, "seconds": elapsed}
+
+
+def pipeline_run(rank: int, world: int, name: str, options: dict | None = None, steps: int = 6) -> dict:
+    """A tiny diffusers pipeline, called unchanged, with its transformer compiled with
+    ``options`` (None: uncompiled); returns the output and each branch's decisions."""
+    import cachec
+    import tiny_pipelines as P
+    pipe = {"wan": P.build_wan_pipeline, "flux": P.build_flux_pipeline}[name]()
+    if options is not None:
+        pipe.transformer = torch.compile(pipe.transformer, backend="cachec", options=options)
+    with torch.no_grad():
+        out = P.generate(pipe, steps)
+    result = {"out": out}
+    if options is not None and options.get("flexcache", 0) is not None:
+        s = cachec.summary(pipe.transformer)
+        result["branches"] = {k: (b.computed_steps, b.cached_steps) for k, b in s.branches.items()}
+    return result
