@@ -150,33 +150,62 @@ def trajectory(rank: int, world: int, model: str, uneven: bool = False, options:
     return result
 
 
-def collective_bytes(rank: int, world: int, model: str, comm: str, steps: int = 2) -> dict:
-    """Bytes this rank sends through Ulysses' all-to-alls per transformer call, and the
-    time per call (bench/ulysses.py)."""
+def bench_model(dtype: torch.dtype = torch.bfloat16):
+    """bench/ulysses.py's model: FLUX-shaped (2 double + 4 single blocks) at FLUX's head width
+    (2 heads of 128), 256 image and 32 text tokens, in ``dtype``; and its inputs at time ``t``."""
+    import diffusers
+    from tiny_models import _seeded
+    model = _seeded(diffusers.FluxTransformer2DModel, patch_size=1, in_channels=16, num_layers=2,
+                    num_single_layers=4, attention_head_dim=128, num_attention_heads=2, joint_attention_dim=64,
+                    pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(16, 56, 56)).to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    base = dict(hidden_states=torch.randn(1, 256, 16, generator=gen), encoder_hidden_states=torch.randn(
+        1, 32, 64, generator=gen), pooled_projections=torch.randn(1, 32, generator=gen))
+
+    def inputs(t: float) -> dict:
+        kw = {k: (v + 0.01 * t * torch.randn(v.shape, generator=gen)).to(dtype) for k, v in base.items()}
+        return dict(kw, timestep=torch.full((1,), t, dtype=dtype), img_ids=_image_ids(16, 16),
+                    txt_ids=torch.zeros(32, 3), guidance=torch.full((1,), 3.5, dtype=dtype), return_dict=False)
+    return model, inputs
+
+
+def ulysses_cost(rank: int, world: int, comm: str, inner: str = "inductor", steps: int = 6) -> dict:
+    """Bytes this rank sends through Ulysses' all-to-alls per transformer call, seconds per
+    call and the outputs, on ``bench_model`` (bench/ulysses.py); world 1 runs without Ulysses."""
     from cachec.parallel import ulysses as U
-    sent = [0]
+    sent, waited = [0], [0.0]
     real = U._exchange
 
-    def counting(out, inp, pg):
-        sent[0] += inp.numel() * inp.element_size() * (world - 1) // world   # its own chunk stays
-        return real(out, inp, pg)
+    def counting(out, inp, pg):   # the chunk a rank addresses to itself does not cross
+        sent[0] += inp.numel() * inp.element_size() * (world - 1) // world
+        start = time.perf_counter()
+        real(out, inp, pg)
+        waited[0] += time.perf_counter() - start
 
-    case = case_for(model, False)
-    calls = schedule(case, steps + 1)
-    m = torch.compile(case.model, backend="cachec", options={"flexcache": None, "ulysses_size": world,
-                                                              "ulysses_comm": comm})
+    model, inputs = bench_model()
+    options = {"flexcache": None, "inner_backend": inner}
+    if world > 1:
+        options.update(ulysses_size=world, ulysses_comm=comm)
+    m = torch.compile(model, backend="cachec", options=options)
+    calls = [inputs(1.0 - k / (steps + 2)) for k in range(steps + 2)]
     U._exchange = counting
     try:
         with torch.no_grad():
-            m(**calls[0])   # compiles
-            sent[0] = 0
             start = time.perf_counter()
-            for kw in calls[1:]:
-                m(**kw)
-            elapsed = (time.perf_counter() - start) / steps
+            m(**calls[0])
+            compile_s = time.perf_counter() - start
+            m(**calls[1])
+            sent[0], waited[0], times, outs = 0, 0.0, [], []
+            for kw in calls[2:]:
+                dist.barrier()
+                start = time.perf_counter()
+                outs.append(m(**kw)[0].float())
+                times.append(time.perf_counter() - start)
     finally:
         U._exchange = real
-    return {"bytes": sent[0] / steps, "seconds": elapsed}
+    times.sort()
+    return {"bytes": sent[0] / steps, "seconds": times[len(times) // 2], "compile": compile_s, "outs": outs,
+            "exchange": waited[0] / steps}
 
 
 def pipeline_run(rank: int, world: int, name: str, options: dict | None = None, steps: int = 6) -> dict:

@@ -66,10 +66,21 @@ def _valid_positions(lengths: list[int], device) -> Optional[Tensor]:
 
 
 def _exchange(out: Tensor, inp: Tensor, pg) -> None:
-    """all_to_all_single along dim 0; float8 crosses as bytes (not every backend takes fp8)."""
-    if inp.dtype == torch.float8_e4m3fn:
-        out, inp = out.view(torch.uint8), inp.view(torch.uint8)
+    """all_to_all_single along dim 0 (every exchange goes through here: the bench counts its bytes)."""
     dist.all_to_all_single(out, inp, group=pg)
+
+
+def _exchange_fp8(q: Tensor, scale: Tensor, pg) -> tuple[Tensor, Tensor]:
+    """Exchange fp8 values and their fp32 scales (both chunked along dim 0) in one
+    all-to-all: each rank's chunk of bytes is its values followed by its scales."""
+    world = q.shape[0]
+    values, scales = q.view(torch.uint8).reshape(world, -1), scale.view(torch.uint8).reshape(world, -1)
+    packed = torch.cat([values, scales], dim=1)
+    recv = torch.empty_like(packed)
+    _exchange(recv, packed, pg)   # as bytes: not every backend takes float8
+    n = values.shape[1]
+    return (recv[:, :n].contiguous().view(torch.float8_e4m3fn).view(q.shape),
+            recv[:, n:].contiguous().view(torch.float32).view(scale.shape))
 
 
 def _seq_to_head(x: Tensor, lengths: list[int], pg, fp8: bool) -> Tensor:
@@ -81,9 +92,7 @@ def _seq_to_head(x: Tensor, lengths: list[int], pg, fp8: bool) -> Tensor:
         x = F.pad(x, (0, 0, 0, top - L))
     if fp8:
         q, scale = quantize_fp8_seq_to_head(x.transpose(1, 2), world)     # [P, B, top, H/P, D]
-        rq, rscale = torch.empty_like(q), torch.empty_like(scale)
-        _exchange(rq, q, pg)
-        _exchange(rscale, scale, pg)
+        rq, rscale = _exchange_fp8(q, scale, pg)
         full = dequantize_fp8_head_to_seq(rq, rscale, x.dtype).transpose(1, 2)   # [B, H/P, P * top, D]
     else:
         send = x.reshape(B, world, H // world, top, D).transpose(0, 1).contiguous()
@@ -105,10 +114,9 @@ def _head_to_seq(out: Tensor, lengths: list[int], rank: int, pg, fp8: bool) -> T
     if fp8:
         rows = send.numel() // D
         q, scale = quantize_fp8_seq_to_head(send.view(1, rows, 1, D), 1)
-        rq, rscale = torch.empty_like(q), torch.empty_like(scale)
-        _exchange(rq.view(world, rows // world, D), q.view(world, rows // world, D), pg)
-        _exchange(rscale.view(world, rows // world), scale.view(world, rows // world), pg)
-        recv = dequantize_fp8_head_to_seq(rq, rscale, out.dtype).view(world, B, HL, top, D)
+        rq, rscale = _exchange_fp8(q.view(world, rows // world, D), scale.view(world, rows // world), pg)
+        recv = dequantize_fp8_head_to_seq(rq.view(1, 1, rows, 1, D), rscale.view(1, 1, rows, 1),
+                                          out.dtype).view(world, B, HL, top, D)
     else:
         recv = torch.empty_like(send)
         _exchange(recv, send, pg)

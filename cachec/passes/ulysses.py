@@ -48,6 +48,7 @@ _POINTWISE = {
 }
 _DATA_SELF_ONLY = {"to", "type_as", "type", "dropout", "float", "half", "bfloat16", "double", "contiguous",
                    "clone", "detach"}
+_INPLACE = {"iadd", "imul", "isub", "itruediv", "setitem"}
 _LIKE = {"empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like"}
 
 
@@ -212,6 +213,11 @@ class _Rewrite:
                 self.fallback(n)
 
     def fallback(self, n: fx.Node) -> None:
+        name = _name(n)
+        target = n.args[0] if n.args else None
+        if (name.endswith("_") or name in _INPLACE) and target in self.sh:
+            raise ValueError(f"ulysses: {n.format_node()} writes in place into a sharded tensor in a way the pass "
+                             f"cannot keep per rank (the write would land in a gathered copy and be lost)")
         for a in list(n.all_input_nodes):
             if a in self.sh:
                 if not isinstance(self.sh[a], Seq):
@@ -248,7 +254,7 @@ class _Rewrite:
         if R < 0:
             return False
         data = [n.args[0]] if name in _DATA_SELF_ONLY else list(n.all_input_nodes)
-        if name.endswith("_") or name in ("iadd", "imul", "isub", "itruediv"):   # in place: self decides
+        if name.endswith("_") or name in _INPLACE:   # in place: self decides
             if n.args[0] not in self.sh:
                 return False
         tensors = [a for a in data if isinstance(a, fx.Node) and _ndim(a) >= 0]
