@@ -84,7 +84,7 @@ class FnGate:
         t, read = None, None
         if self.ranks is not None:
             ts = call.timesteps if state.needs_timestep(call.context) else []
-            t, read = self.ranks.read(call, state, ts, sums, measurable, self.read_timestep)
+            t, read = self.ranks.read(call, state, ts, sums, measurable, self.read_timestep, outs[0].device)
         elif state.needs_timestep(call.context) and call.timesteps:
             values = _read([*call.timesteps, sums] if measurable else call.timesteps)
             t = self.read_timestep(values[:len(call.timesteps)])
@@ -123,8 +123,9 @@ class RankAgreement:
         self.group, self.world = group, group.size()
 
     def read(self, call: _Call, state: RequestState, timesteps: list, sums, measurable: bool,
-             read_timestep: Callable) -> tuple[Optional[float], Optional[list]]:
-        device = sums.device if sums is not None else timesteps[0].device if timesteps else None
+             read_timestep: Callable, device: torch.device) -> tuple[Optional[float], Optional[list]]:
+        """(the timestep read, the sums over all ranks or None), after checking that every
+        rank stands where this one does."""
         if sums is None or not measurable:   # same length on every rank: zeros where nothing is compared
             width = sums.numel() if sums is not None else 2
             sums = torch.zeros(width, dtype=torch.float64, device=device)
@@ -132,10 +133,10 @@ class RankAgreement:
         place = (state.generation, state.calls, state.steps, state.step, state.call_in_step, measurable,
                  None if guess is None else str(guess.key), None if call.context is None else
                  (call.context.name, call.context.step_index), call.shape_key)
-        parts = [sums.detach().reshape(-1).double(), _pair(torch.tensor(float(zlib.crc32(repr(place).encode()) & 0xFFFFF),
-                                                                       dtype=torch.float64, device=device))]
+        fingerprint = torch.tensor(float(zlib.crc32(repr(place).encode()) & 0xFFFFF), dtype=torch.float64)
+        parts = [sums.detach().reshape(-1).to(device, torch.float64), _pair(fingerprint.to(device))]
         for t in timesteps:   # the bits of the float32 value, in two integers of 20 and 12 bits
-            bits = t.float().reshape(1).view(torch.int32)
+            bits = t.to(device).float().reshape(1).view(torch.int32)
             parts += [_pair((bits & 0xFFFFF).double()), _pair((bits >> 20).double())]
         vec = torch.cat(parts)
         dist.all_reduce(vec, group=self.group)
