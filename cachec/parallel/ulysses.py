@@ -124,15 +124,30 @@ def _head_to_seq(out: Tensor, lengths: list[int], rank: int, pg, fp8: bool) -> T
     return recv.permute(1, 0, 2, 3, 4).reshape(B, world * HL, top, D)[:, :, :lengths[rank]].contiguous()
 
 
+def rank_major(pieces: list[int], world: int, device) -> Tensor:
+    """Positions, in the original order, of the tokens of a sequence gathered rank by rank
+    (rank 0's share of every piece, then rank 1's, ...)."""
+    runs = []
+    for r in range(world):
+        offset = 0
+        for n in pieces:
+            start, length = piece_bounds(n, world, r)
+            runs.append(torch.arange(offset + start, offset + start + length, device=device))
+            offset += n
+    return torch.cat(runs)
+
+
 @torch.library.custom_op("cachec::ulysses_attention", mutates_args=())
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group_name: str, pieces: list[int],
                       kv_pieces: list[int], comm: str, scale: Optional[float] = None,
-                      enable_gqa: bool = False) -> Tensor:
+                      enable_gqa: bool = False, attn_mask: Optional[Tensor] = None) -> Tensor:
     """Scaled-dot-product attention of a sequence sharded across ``group_name``'s ranks.
 
     q [B, H, L_rank, D] is this rank's slice of a sequence made of ``pieces``; k
     and v are slices of ``kv_pieces`` in the same way, or (``kv_pieces`` empty) the
     whole key/value sequence on every rank (cross-attention to unsharded text).
+    ``attn_mask``, whole on every rank, masks keys only (its query dim is 1: text
+    padding); its key positions follow the keys into rank-major order.
     Returns this rank's slice of the attention output, [B, H, L_rank, Dv].
     """
     pg = group_of(group_name)
@@ -147,12 +162,18 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group_name: str, pieces: 
     else:   # every rank holds all keys: keep this rank's heads
         hk = k.shape[1] // world
         kf, vf = k[:, rank * hk:(rank + 1) * hk], v[:, rank * hk:(rank + 1) * hk]
-    out = F.scaled_dot_product_attention(qf, kf, vf, scale=scale, enable_gqa=enable_gqa)
+    if attn_mask is not None:
+        if attn_mask.dim() == 4 and attn_mask.shape[1] == q.shape[1] and q.shape[1] > 1:   # per head
+            hl = q.shape[1] // world
+            attn_mask = attn_mask[:, rank * hl:(rank + 1) * hl]
+        if kv_pieces:
+            attn_mask = attn_mask.index_select(-1, rank_major(kv_pieces, world, attn_mask.device))
+    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa)
     return _head_to_seq(out, lengths, rank, pg, fp8)
 
 
 @ulysses_attention.register_fake
-def _(q, k, v, group_name, pieces, kv_pieces, comm, scale=None, enable_gqa=False):
+def _(q, k, v, group_name, pieces, kv_pieces, comm, scale=None, enable_gqa=False, attn_mask=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 

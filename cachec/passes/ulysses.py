@@ -188,8 +188,13 @@ class _Rewrite:
         nodes = list(self.graph.nodes)
         pos = {n: i for i, n in enumerate(nodes)}
         lo, hi = chain.blocks[0].first, chain.blocks[-1].last
+        # token streams: the latent's, and any other the blocks continue (a tensor of its shape is
+        # carried on into block 1); per-block tables that block 0 alone reads are not sequences
+        first = chain.blocks[0]
+        continued = {_shape(a) for a in chain.carried_in[1] if first.first <= pos[a] <= first.last} \
+            if len(chain.carried_in) > 1 else None
         for a in chain.carried_in[0]:
-            if _ndim(a) != 3:
+            if _ndim(a) != 3 or (a is not chain.hidden_in and continued is not None and _shape(a) not in continued):
                 continue
             pieces = (_shape(a)[1],)
             if self.local(pieces) < 1:
@@ -298,6 +303,47 @@ class _Rewrite:
         dim = _arg(n, 1, "dim")
         return isinstance(seq, Seq) and dim is not None and _norm(dim, _ndim(n)) != seq.dim and self.keep(n, n.args[0])
 
+    def _reduce(self, n) -> bool:
+        """A reduction over dims other than the sequence (an RMS norm's mean over channels)."""
+        x, seq = n.args[0], self.sh.get(n.args[0])
+        dim = _arg(n, 1, "dim")
+        if not isinstance(seq, Seq) or dim is None or not isinstance(_ndim(n) >= 0 and example_value(n), torch.Tensor):
+            return False
+        dims = {_norm(d, _ndim(x)) for d in (dim if isinstance(dim, (list, tuple)) else (dim,))}
+        if seq.dim in dims:
+            return False
+        keep = _arg(n, 2, "keepdim", False)
+        return self.keep(n, x, seq.dim if keep else seq.dim - sum(d < seq.dim for d in dims))
+
+    op_mean = op_sum = op_amax = op_amin = op_prod = op_logsumexp = op_nansum = _reduce
+
+    def op_var(self, n):   # var(x, dim, unbiased/correction..., keepdim): keepdim only by keyword
+        x, seq = n.args[0], self.sh.get(n.args[0])
+        dim = _arg(n, 1, "dim")
+        if not isinstance(seq, Seq) or dim is None:
+            return False
+        dims = {_norm(d, _ndim(x)) for d in (dim if isinstance(dim, (list, tuple)) else (dim,))}
+        if seq.dim in dims or len(n.args) > 2:
+            return False
+        keep = n.kwargs.get("keepdim", False)
+        return self.keep(n, x, seq.dim if keep else seq.dim - sum(d < seq.dim for d in dims))
+
+    op_std = op_var
+
+    def op_view_as_complex(self, n):   # [..., 2] real -> [...] complex: drops the last dim
+        x, seq = n.args[0], self.sh.get(n.args[0])
+        return isinstance(seq, Seq) and seq.dim < _ndim(x) - 1 and self.keep(n, x)
+
+    def op_view_as_real(self, n):      # adds a last dim of 2
+        return self.keep(n, n.args[0])
+
+    def op_repeat_interleave(self, n):
+        x, seq = n.args[0], self.sh.get(n.args[0])
+        dim = _arg(n, 2, "dim")
+        if not isinstance(seq, Seq) or dim is None or not isinstance(_arg(n, 1, "repeats"), int):
+            return False
+        return _norm(dim, _ndim(x)) != seq.dim and self.keep(n, x)
+
     # -- shape ops ---------------------------------------------------------------------------------------
     def op_view(self, n):
         x = n.args[0]
@@ -384,12 +430,29 @@ class _Rewrite:
     def op_squeeze(self, n):
         x, seq = n.args[0], self.sh.get(n.args[0])
         dim = _arg(n, 1, "dim")
-        if not isinstance(seq, Seq) or dim is None or isinstance(dim, (list, tuple)):
+        if not isinstance(seq, Seq) or isinstance(dim, (list, tuple)):
             return False
+        if dim is None:   # every size-1 dim goes; named, so a rank holding one token keeps its sequence dim
+            ones = [k for k, size in enumerate(_shape(x)) if size == 1]
+            if seq.dim in ones:
+                return False
+            n.args, n.kwargs = (x, tuple(ones)), {}
+            return self.keep(n, x, seq.dim - sum(k < seq.dim for k in ones))
         k = _norm(dim, _ndim(x))
-        if k == seq.dim:
-            return False
+        if k == seq.dim:   # a no-op on the whole sequence; on a rank holding one token it would not be
+            if seq.full == 1:
+                return False
+            n.replace_all_uses_with(x)
+            return self.keep(n, x)
         return self.keep(n, x, seq.dim - 1 if k < seq.dim and _shape(x)[k] == 1 else seq.dim)
+
+    def op_repeat(self, n):   # tiling that leaves the sequence dim alone
+        x, seq = n.args[0], self.sh.get(n.args[0])
+        if not isinstance(seq, Seq):
+            return False
+        sizes, _ = _sizes(n)
+        j = seq.dim + len(sizes) - _ndim(x)
+        return sizes[j] == 1 and self.keep(n, x, j)
 
     def _pieces_of(self, seq: Seq, sizes: list) -> Optional[list[tuple]]:
         """``sizes`` along the sequence as runs of whole pieces, or None."""
@@ -566,7 +629,11 @@ class _Rewrite:
         causal, scale = _arg(n, 5, "is_causal", False), n.kwargs.get("scale")
         gqa = n.kwargs.get("enable_gqa", False)
         sq, sk, sv = (self.sh.get(t) for t in (q, k, v))
-        if not isinstance(sq, Seq) or sq.dim != 2 or _ndim(q) != 4 or mask is not None or dropout or causal:
+        if not isinstance(sq, Seq) or sq.dim != 2 or _ndim(q) != 4 or dropout or causal:
+            return False
+        # a mask of keys only (text padding: its query dim is 1), whole on every rank
+        if mask is not None and (mask in self.sh or _ndim(mask) != 4 or _shape(mask)[2] != 1
+                                 or _shape(mask)[1] not in (1, _shape(q)[1])):
             return False
         if sk is None and sv is None:
             kv_pieces = []
@@ -580,7 +647,8 @@ class _Rewrite:
                              f"and {kv_heads} key/value heads")
         with self.graph.inserting_before(n):
             new = self.graph.call_function(torch.ops.cachec.ulysses_attention.default,
-                                           (q, k, v, self.group, list(sq.pieces), kv_pieces, self.comm, scale, gqa))
+                                           (q, k, v, self.group, list(sq.pieces), kv_pieces, self.comm, scale, gqa,
+                                            mask))
         new.meta = dict(n.meta)
         n.replace_all_uses_with(new)
         self.graph.erase_node(n)
