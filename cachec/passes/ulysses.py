@@ -268,17 +268,16 @@ class _Rewrite:
         if len(seqs) != 1 or any(a in self.sh and not isinstance(self.sh[a], Seq) for a in tensors):
             return False
         seq = next(iter(seqs))
+        to_cut = []   # checked before any change: a rule that gives up leaves the node as it was
         for a in tensors:
-            if a in self.sh:
-                continue
             p = seq.dim - (R - _ndim(a))
-            if p < 0:
+            if a in self.sh or p < 0 or _shape(a)[p] == 1:
                 continue
-            size = _shape(a)[p]
-            if size == seq.full and size != 1:
-                n.replace_input_with(a, self.cut(a, p, seq.pieces))
-            elif size != 1:
+            if _shape(a)[p] != seq.full:
                 return False
+            to_cut.append((a, p))
+        for a, p in to_cut:
+            n.replace_input_with(a, self.cut(a, p, seq.pieces))
         self.sh[n] = seq
         return True
 
