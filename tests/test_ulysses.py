@@ -42,6 +42,8 @@ def _jobs():
         db = {**DB, "residual_diff_threshold": THRESHOLD[tag]}
         jobs.append((f"cached single {tag}", "trajectory", dict(**common, options=db)))
         jobs.append((f"cached par {tag}", "trajectory", dict(**common, options={**db, "ulysses_size": 2})))
+    jobs.append(("own group", "trajectory", dict(model="flux", uneven=True, own_group=True,
+                                                 options={**OFF, "ulysses_size": 2})))
     jobs.append(("too many", "trajectory", dict(model="flux", steps=1, options={**OFF, "ulysses_size": 3})))
     jobs.append(("astray", "trajectory", dict(model="flux", steps=4, bad_timestep_at=2,
                                               options={**DB, "residual_diff_threshold": 0.25, "ulysses_size": 2})))
@@ -71,6 +73,12 @@ def test_fp8_within_bound_of_the_bf16_path(runs, model):
         r = runs[rank]
         err = _rel_err(r[f"fp8 {model}"]["outs"], r[f"bf16 {model}"]["outs"])
         assert 1e-5 < err < FP8_BOUND   # it does quantize, and within the bound
+
+
+def test_a_group_of_its_own(runs):
+    for r in runs:
+        assert "error" not in r["own group"], r["own group"].get("trace")
+        assert _rel_err(r["own group"]["outs"], r["ref flux-uneven"]["outs"]) < 1e-5
 
 
 def test_group_size_must_match(runs):

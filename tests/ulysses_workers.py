@@ -116,7 +116,7 @@ def schedule(case, steps: int, dtype: torch.dtype = torch.float32, focus: bool =
 
 def trajectory(rank: int, world: int, model: str, uneven: bool = False, options: dict | None = None,
                steps: int = 3, compiled: bool = True, focus: bool = False, dtype: str = "float32",
-               bad_timestep_at: int | None = None) -> dict:
+               bad_timestep_at: int | None = None, own_group: bool = False) -> dict:
     """Run the schedule through the model (uncompiled, or compiled with ``options``);
     returns the outputs, the cache summary and each gate read's local partial sums."""
     import cachec
@@ -133,6 +133,8 @@ def trajectory(rank: int, world: int, model: str, uneven: bool = False, options:
         local.append(tensor[:2].tolist())
         return real_all_reduce(tensor, *a, **k)
 
+    if own_group:   # a group object of its own, not the default one (a process group does not pickle)
+        options = {**options, "ulysses_group": dist.new_group(list(range(world)))}
     m = torch.compile(case.model, backend="cachec", options=options) if compiled else case.model
     outs = []
     dist.all_reduce = recording
