@@ -61,7 +61,7 @@ def package_at(rev: str):
     return importlib.import_module(name)
 
 
-def systems(inner: str, baseline) -> dict:
+def systems(inner: str, baseline, variants: bool = False) -> dict:
     opts = {"inner_backend": inner, "residual_diff_threshold": 0.0}
     out = {"torch.compile": lambda m: torch.compile(m, backend=inner),
            "cachec": lambda m: torch.compile(m, backend=functools.partial(cachec.cachec_backend, options=opts))}
@@ -69,6 +69,12 @@ def systems(inner: str, baseline) -> dict:
         unshared = {**opts, "share_blocks": False}
         out["cachec share_blocks=False"] = lambda m: torch.compile(
             m, backend=functools.partial(cachec.cachec_backend, options=unshared))
+    if inner == "inductor" and variants:   # inductor's per-call input asserts: off in plain, on in cachec
+        out["torch.compile size_asserts=False"] = lambda m: torch.compile(m, backend=inner,
+                                                                          options={"size_asserts": False})
+        loud = {**opts, "inductor": {"size_asserts": True}}
+        out["cachec size_asserts=True"] = lambda m: torch.compile(
+            m, backend=functools.partial(cachec.cachec_backend, options=loud))
     if baseline is not None:
         rev, pkg = baseline
         for name in (f"cachec@{rev}", f"cachec@{rev} (2nd copy)"):
@@ -102,13 +108,15 @@ def main():
     ap.add_argument("--rounds", type=int, default=80)
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variants", action="store_true",
+                    help="inductor: also plain compile with inductor's size_asserts off, cachec with them on")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     baseline = (args.baseline, package_at(args.baseline)) if args.baseline else None
     new_model, calls = model_and_calls(args.model, args.steps, args.side, args.blocks)
     # one model instance each (same weights): compiled code and cachec's state stay apart
-    compiled = {name: make(new_model()) for name, make in systems(args.inner, baseline).items()}
+    compiled = {name: make(new_model()) for name, make in systems(args.inner, baseline, args.variants).items()}
     times = {name: [] for name in compiled}
     with torch.no_grad():
         for name, m in compiled.items():   # compile and warm up

@@ -127,7 +127,7 @@ def _inner_compiler(opts: BackendOptions, fake_mode, shared_count: Optional[list
     ``share_blocks``, blocks of equal structure in a piece compile once (``passes.share``);
     ``shared_count`` then adds up [blocks outlined, subgraphs compiled]."""
     inner = None if opts.inner_backend == "eager" else lookup_backend(opts.inner_backend)
-    patches = dict(opts.inductor)
+    patches = _inductor_patches(opts)
     share = opts.share_blocks and opts.inner_backend == "inductor"
 
     def run_inner(gm: fx.GraphModule, example_inputs: list, shared: bool) -> Callable:
@@ -301,8 +301,21 @@ def _plain_compile(opts: BackendOptions, gm: fx.GraphModule, example_inputs: lis
     """``gm`` compiled with the inner backend alone (its inductor options applied)."""
     if opts.inner_backend == "eager":
         return forward_of(gm)
-    extra = {"config_patches": dict(opts.inductor)} if opts.inductor else {}
+    patches = _inductor_patches(opts)
+    extra = {"config_patches": patches} if patches else {}
     return lookup_backend(opts.inner_backend)(gm, example_inputs, **extra)
+
+
+def _inductor_patches(opts: BackendOptions) -> dict:
+    """The inductor config every piece compiles with: the user's ``inductor`` options over
+    cachec's defaults. ``size_asserts=False``: inductor's generated code checks the size
+    and stride of every input on every call (about 0.2 ms a call on the 6 + 12 block tiny
+    FLUX on CPU, bench/results/percall_cpu.md); the checks are redundant here, since dynamo
+    guards the inputs of the first piece and every later piece takes what an earlier one
+    returned or a cached output laid out like it (``runtime.gate.Region``)."""
+    if opts.inner_backend != "inductor":
+        return dict(opts.inductor)
+    return {"size_asserts": False, **opts.inductor}
 
 
 def _shard(opts: BackendOptions, gm: fx.GraphModule, example_inputs: list):

@@ -66,3 +66,14 @@ def test_the_options_raise_the_limit_when_the_model_compiles():
         shapes(compiled, (4, 5, 6, 7))
     assert torch._dynamo.config.recompile_limit == 16
     assert len(cachec.summary(compiled).blocks) == 4   # still cached: the chain was found
+
+
+def test_pieces_compile_without_input_asserts_unless_asked():
+    """Inductor's per-call size/stride asserts are off in cachec's pieces (dynamo guards the
+    first piece's inputs, cachec lays out the rest); the user's own inductor options win."""
+    from cachec.backend import _inductor_patches
+    assert _inductor_patches(cachec.parse_options({})) == {"size_asserts": False}
+    assert _inductor_patches(cachec.parse_options({"inductor": {"size_asserts": True}})) == {"size_asserts": True}
+    assert _inductor_patches(cachec.parse_options({"inductor": {"max_autotune": True}})) == {
+        "size_asserts": False, "max_autotune": True}
+    assert _inductor_patches(cachec.parse_options({"inner_backend": "aot_eager"})) == {}
