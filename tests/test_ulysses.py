@@ -244,3 +244,20 @@ def test_symbolic_shapes_are_refused():
     with torch.no_grad():
         torch.compile(case.model, backend=backend, dynamic=True)(**case.inputs(1.0))
     assert seen
+
+
+def test_torchrun_example():
+    """The README's torchrun command: the tiny WanPipeline on 2 ranks, cached, with fp8."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    from ulysses_workers import _free_port
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(_free_port()),
+                          os.path.join(root, "bench", "ulysses_torchrun.py"), "--comm", "fp8", "--steps", "6"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "ulysses: rank 0 of 2, fp8 all-to-all" in run.stdout
+    distance = float(run.stdout.rsplit("= ", 1)[1])
+    assert distance < 0.05, run.stdout   # video in [0, 1]; cached steps and fp8 exchange
