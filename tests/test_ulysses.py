@@ -105,6 +105,7 @@ def test_decisions_identical_where_local_diffs_straddle(runs, model):
         assert "error" not in par, par.get("trace")
         assert (par["computed"], par["cached"]) == (single["computed"], single["cached"])
         assert single["cached"] and max(single["computed"]) > 0   # both kinds of decision after warmup
+        assert max(par["syncs"]) == 1   # the all-reduced sums and the checks come back in the gate's one read
         assert _rel_err(par["outs"], single["outs"]) < 1e-5
     local = [[num / den if den else 0.0 for num, den in runs[r][f"cached par {model}"]["local"]] for r in (0, 1)]
     for step, (a, b) in enumerate(zip(*local)):

@@ -136,15 +136,18 @@ def trajectory(rank: int, world: int, model: str, uneven: bool = False, options:
     if own_group:   # a group object of its own, not the default one (a process group does not pickle)
         options = {**options, "ulysses_group": dist.new_group(list(range(world)))}
     m = torch.compile(case.model, backend="cachec", options=options) if compiled else case.model
-    outs = []
+    from test_syncs import SyncCounter
+    outs, syncs = [], []
     dist.all_reduce = recording
     try:
-        with torch.no_grad():
+        with torch.no_grad(), SyncCounter() as reads:   # cachec's host reads, call by call
             for kw in calls:
+                before = reads.count
                 outs.append(case.latent_of(m(**kw)).float())
+                syncs.append(reads.count - before)
     finally:
         dist.all_reduce = real_all_reduce
-    result = {"outs": outs, "local": local}
+    result = {"outs": outs, "local": local, "syncs": syncs}
     if compiled and (options or {}).get("flexcache", 0) is not None:
         s = cachec.summary(m)
         result["computed"], result["cached"] = list(s.computed_steps), list(s.cached_steps)
