@@ -323,6 +323,13 @@ def _shard(opts: BackendOptions, gm: fx.GraphModule, example_inputs: list):
     the process group), or (None, None) where the graph holds no block chain (it then
     runs whole on every rank, as the graphs around a graph break do)."""
     group, world, rank = opts.ulysses.resolve()
+    if torch._dynamo.config.automatic_dynamic_shapes:
+        # the pass cuts static shapes; without this, a call of a new shape (a CFG branch with a
+        # longer prompt, a new resolution) would recompile with symbolic sizes and be refused
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        warnings.warn("cachec: Ulysses cuts static shapes, so this process now recompiles a new input shape "
+                      "statically (torch._dynamo.config.automatic_dynamic_shapes = False)", CachecWarning,
+                      stacklevel=3)
     try:
         inputs = find_graph_inputs(gm)
         chain = find_block_chain(gm, find_block_loops(gm), inputs)

@@ -166,22 +166,25 @@ def test_pass_rejects_what_it_cannot_split(world, rank, match):
 
 
 def test_real_pipelines_on_two_ranks():
-    """WanPipeline (CFG as two named calls per step, UniPC, int64 timesteps) cached under Ulysses
-    takes the single-process decisions per branch; FluxPipeline in bf16 with fp8 communication
-    stays close to the uncompiled pipeline."""
+    """Real pipelines, called unchanged, cached under Ulysses take the single-process decisions
+    per branch: WanPipeline (CFG as two named calls per step, UniPC, int64 timesteps), PixArt-Sigma
+    (batched CFG, DPM-Solver), Qwen-Image (cond and uncond prompts of different lengths: the
+    second shape recompiles, statically). FluxPipeline in bf16 with fp8 communication stays close
+    to the uncompiled pipeline."""
     db = {**DB, "residual_diff_threshold": 0.1}
-    results = spawn([
-        ("wan single", "pipeline_run", dict(name="wan", options=db)),
-        ("wan par", "pipeline_run", dict(name="wan", options={**db, "ulysses_size": 2})),
-        ("flux ref", "pipeline_run", dict(name="flux")),
-        ("flux fp8", "pipeline_run", dict(name="flux", options={**OFF, "ulysses_size": 2, "ulysses_comm": "fp8"})),
-    ])
+    jobs = [("flux ref", "pipeline_run", dict(name="flux")),
+            ("flux fp8", "pipeline_run", dict(name="flux", options={**OFF, "ulysses_size": 2, "ulysses_comm": "fp8"}))]
+    for name in ("wan", "pixart", "qwenimage"):
+        jobs += [(f"{name} single", "pipeline_run", dict(name=name, options=db)),
+                 (f"{name} par", "pipeline_run", dict(name=name, options={**db, "ulysses_size": 2}))]
+    results = spawn(jobs)
     for r in results:
         assert all("error" not in v for v in r.values()), [v.get("trace") for v in r.values()]
-        single, par = r["wan single"], r["wan par"]
-        assert par["branches"] == single["branches"] and set(par["branches"]) == {"cond", "uncond"}
-        assert any(cached for _, cached in single["branches"].values())
-        assert (par["out"] - single["out"]).abs().max() < 1e-4
+        for name, branches in (("wan", {"cond", "uncond"}), ("pixart", {"all"}), ("qwenimage", {"cond", "uncond"})):
+            single, par = r[f"{name} single"], r[f"{name} par"]
+            assert par["branches"] == single["branches"] and set(par["branches"]) == branches, name
+            assert (par["out"] - single["out"]).abs().max() < 1e-4, name
+        assert any(cached for _, cached in r["wan single"]["branches"].values())
         flux = (r["flux fp8"]["out"] - r["flux ref"]["out"]).abs().max().item()
         assert flux < 0.05, flux   # images in [0, 1]; bf16 model, fp8 exchange
 

@@ -218,7 +218,8 @@ def pipeline_run(rank: int, world: int, name: str, options: dict | None = None, 
     ``options`` (None: uncompiled); returns the output and each branch's decisions."""
     import cachec
     import tiny_pipelines as P
-    pipe = {"wan": P.build_wan_pipeline, "flux": P.build_flux_pipeline}[name]()
+    pipe = {"wan": P.build_wan_pipeline, "flux": P.build_flux_pipeline, "pixart": P.build_pixart_sigma_pipeline,
+            "sd3": P.build_sd3_pipeline, "qwenimage": P.build_qwenimage_pipeline}[name]()
     if options is not None:
         pipe.transformer = torch.compile(pipe.transformer, backend="cachec", options=options)
     with torch.no_grad():
