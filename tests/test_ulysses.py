@@ -41,7 +41,8 @@ def _jobs():
         common = dict(model=model, uneven=uneven, steps=6, focus=True)
         db = {**DB, "residual_diff_threshold": THRESHOLD[tag]}
         jobs.append((f"cached single {tag}", "trajectory", dict(**common, options=db)))
-        jobs.append((f"cached par {tag}", "trajectory", dict(**common, options={**db, "ulysses_size": 2})))
+        jobs.append((f"cached par {tag}", "trajectory", dict(**common, options={**db, "ulysses_size": 2},
+                                                             count_syncs=True)))
     jobs.append(("own group", "trajectory", dict(model="flux", uneven=True, own_group=True,
                                                  options={**OFF, "ulysses_size": 2})))
     jobs.append(("too many", "trajectory", dict(model="flux", steps=1, options={**OFF, "ulysses_size": 3})))

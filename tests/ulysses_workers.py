@@ -7,6 +7,7 @@ group, so a job whose collectives did not pair up shows as a timeout, never a ha
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import time
 import traceback
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -116,7 +118,7 @@ def schedule(case, steps: int, dtype: torch.dtype = torch.float32, focus: bool =
 
 def trajectory(rank: int, world: int, model: str, uneven: bool = False, options: dict | None = None,
                steps: int = 3, compiled: bool = True, focus: bool = False, dtype: str = "float32",
-               bad_timestep_at: int | None = None, own_group: bool = False) -> dict:
+               bad_timestep_at: int | None = None, own_group: bool = False, count_syncs: bool = False) -> dict:
     """Run the schedule through the model (uncompiled, or compiled with ``options``);
     returns the outputs, the cache summary and each gate read's local partial sums."""
     import cachec
@@ -139,8 +141,11 @@ def trajectory(rank: int, world: int, model: str, uneven: bool = False, options:
     from test_syncs import SyncCounter
     outs, syncs = [], []
     dist.all_reduce = recording
+    # cachec's host reads, call by call (opt in: dynamo would trace the counting wrappers of a
+    # model that reads tensors itself, HiDream's .numpy() router)
+    counting = SyncCounter() if count_syncs else contextlib.nullcontext(SimpleNamespace(count=0))
     try:
-        with torch.no_grad(), SyncCounter() as reads:   # cachec's host reads, call by call
+        with torch.no_grad(), counting as reads:
             for kw in calls:
                 before = reads.count
                 outs.append(case.latent_of(m(**kw)).float())
