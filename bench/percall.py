@@ -61,7 +61,7 @@ def package_at(rev: str):
     return importlib.import_module(name)
 
 
-def systems(inner: str, baseline, variants: bool = False) -> dict:
+def systems(inner: str, baseline, variants: bool = False, cached: bool = False) -> dict:
     opts = {"inner_backend": inner, "residual_diff_threshold": 0.0}
     out = {"torch.compile": lambda m: torch.compile(m, backend=inner),
            "cachec": lambda m: torch.compile(m, backend=functools.partial(cachec.cachec_backend, options=opts))}
@@ -75,6 +75,11 @@ def systems(inner: str, baseline, variants: bool = False) -> dict:
         loud = {**opts, "inductor": {"size_asserts": True}}
         out["cachec size_asserts=True"] = lambda m: torch.compile(
             m, backend=functools.partial(cachec.cachec_backend, options=loud))
+    if cached:   # every step after the first reuses the middle: what a cached step costs
+        always = {**opts, "residual_diff_threshold": 1.0, "max_warmup_steps": 0, "max_continuous_cached_steps": -1,
+                  "max_cached_steps": -1}
+        out["cachec cached steps"] = lambda m: torch.compile(
+            m, backend=functools.partial(cachec.cachec_backend, options=always))
     if baseline is not None:
         rev, pkg = baseline
         for name in (f"cachec@{rev}", f"cachec@{rev} (2nd copy)"):
@@ -110,13 +115,19 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variants", action="store_true",
                     help="inductor: also plain compile with inductor's size_asserts off, cachec with them on")
+    ap.add_argument("--cached", action="store_true",
+                    help="also time cachec caching every step after the first (threshold 1), against the "
+                         "share of the FLOPs it still runs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     baseline = (args.baseline, package_at(args.baseline)) if args.baseline else None
     new_model, calls = model_and_calls(args.model, args.steps, args.side, args.blocks)
     # one model instance each (same weights): compiled code and cachec's state stay apart
-    compiled = {name: make(new_model()) for name, make in systems(args.inner, baseline, args.variants).items()}
+    compiled = {name: make(new_model()) for name, make in systems(args.inner, baseline, args.variants, args.cached).items()}
+    if args.cached and args.model == "flux":   # what a cached step still runs, compiled plainly: the
+        # same prologue and epilogue around the first block alone
+        compiled["torch.compile, first block only"] = torch.compile(_tiny_flux_transformer(1, 0), backend=args.inner)
     times = {name: [] for name in compiled}
     with torch.no_grad():
         for name, m in compiled.items():   # compile and warm up
@@ -139,6 +150,31 @@ def main():
     for name, ts_ in times.items():
         ms = statistics.median(ts_)
         print(f"{name:<30} {ms:8.4f} {ms / plain:8.3f} {(ms - plain) * 1e3:9.1f}")
+    if args.cached:
+        share = flop_share_outside_middle(new_model(), calls[0])
+        ms = statistics.median(times["cachec cached steps"])
+        print(f"cached steps: the first block, prologue and epilogue are {share:.1%} of a call's FLOPs; "
+              f"that share of plain's time is {plain * share:.4f} ms, and a cached step costs {ms:.4f} ms "
+              f"({(ms - plain * share) * 1e3:.1f} us over the FLOP share, 1 computed call in {len(calls)} included)")
+        if "torch.compile, first block only" in times:
+            alone = statistics.median(times["torch.compile, first block only"])
+            print(f"the same work compiled plainly (prologue, first block, epilogue) takes {alone:.4f} ms: a cached "
+                  f"step costs {(ms - alone) * 1e3:.1f} us more")
+
+
+def flop_share_outside_middle(model: torch.nn.Module, kwargs: dict) -> float:
+    """The share of one call's FLOPs outside the cached middle at F1B0 (every block but the
+    first of the chain), counted by torch's FlopCounterMode per module."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(**kwargs)
+    flops = counter.get_flop_counts()
+    total = sum(flops["Global"].values())
+    names = [n for n, m in model.named_children() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    blocks = [f"{n}.{i}" for n in names for i in range(len(getattr(model, n)))]
+    middle = sum(sum(flops.get(f"{type(model).__name__}.{b}", {}).values()) for b in blocks[1:])
+    return 1 - middle / total
 
 
 if __name__ == "__main__":
