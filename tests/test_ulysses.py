@@ -115,6 +115,35 @@ def test_decisions_identical_where_local_diffs_straddle(runs, model):
     assert straddled >= 2, local
 
 
+STRATEGY_OPTIONS = {
+    "TeaCache": {"cache_type": "teacache", "residual_diff_threshold": 0.5},
+    "DBPrune": {"cache_type": "dbprune", "residual_diff_threshold": 0.2, "Fn_compute_blocks": 1,
+                "Bn_compute_blocks": 0, "max_warmup_steps": 1},
+    "PAB": {"strategy": "pab", "cache_ratio": 0.5, "warmup": 1, "cooldown": 0, "num_inference_steps": 6},
+    "FoCa": {**DB, "residual_diff_threshold": 0.25, "calibrator_config": {"calibrator_type": "foca"}},
+    "SCM": {**DB, "residual_diff_threshold": 0.25, "steps_computation_mask": [1, 1, 0, 1, 0, 1],
+            "steps_computation_policy": "dynamic"},
+}
+
+
+def test_strategies_take_the_single_process_decisions():
+    """Every strategy but DiTango under Ulysses: per-block probes (DBPrune), the modulated input
+    (TeaCache), attention regions (PAB), calibrated reuse (FoCa) and step masks (SCM)."""
+    jobs = []
+    for name, options in STRATEGY_OPTIONS.items():
+        common = dict(model="flux", steps=6, focus=True)
+        jobs += [(f"single {name}", "trajectory", dict(**common, options={**EAGER, **options})),
+                 (f"par {name}", "trajectory", dict(**common, options={**EAGER, **options, "ulysses_size": 2}))]
+    results = spawn(jobs)
+    for name in STRATEGY_OPTIONS:
+        for r in results:
+            single, par = r[f"single {name}"], r[f"par {name}"]
+            assert "error" not in par and "error" not in single, (par.get("trace"), single.get("trace"))
+            assert (par["computed"], par["cached"]) == (single["computed"], single["cached"]), name
+            assert _rel_err(par["outs"], single["outs"]) < 1e-5, name
+    assert all(results[0][f"single {n}"]["cached"] for n in STRATEGY_OPTIONS), {n: results[0][f"single {n}"]["cached"] for n in STRATEGY_OPTIONS}
+
+
 def test_rank_that_would_disagree_raises(runs):
     for rank in (0, 1):
         err = runs[rank]["astray"].get("error", "")
