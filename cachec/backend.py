@@ -337,8 +337,7 @@ def _shard(opts: BackendOptions, gm: fx.GraphModule, example_inputs: list):
         warnings.warn(f"cachec: Ulysses found no block chain in this graph ({why}); it runs whole on each of the "
                       f"{world} ranks", CachecWarning, stacklevel=3)
         return None, None
-    fake_mode = detect_fake_mode(example_inputs) or TracingContext.get().fake_mode
-    info = shard_graph(gm, chain, world, rank, group.group_name, opts.ulysses.comm, fake_mode)
+    info = shard_graph(gm, chain, world, rank, group.group_name, opts.ulysses.comm)
     seen = [None] * world   # every rank must have cut alike, or the collectives would not pair up
     torch.distributed.all_gather_object(seen, info.signature(), group=group)
     if any(s != seen[0] for s in seen):

@@ -175,7 +175,6 @@ def test_options_need_a_process_group():
 @pytest.mark.parametrize("world,rank,match", [(3, 0, "must divide the attention heads"), (80, 79, "leave rank 79")])
 def test_pass_rejects_what_it_cannot_split(world, rank, match):
     """Without any process group: the pass alone, for rank 0 of a group it cannot serve."""
-    from torch._guards import TracingContext
     from cachec.passes import find_block_chain, find_block_loops, find_graph_inputs
     from cachec.passes.ulysses import shard_graph
     from tiny_models import build
@@ -186,7 +185,7 @@ def test_pass_rejects_what_it_cannot_split(world, rank, match):
         cut = copy.deepcopy(gm)   # left half rewritten by the error; the call runs the original
         chain = find_block_chain(cut, find_block_loops(cut), find_graph_inputs(cut))
         with pytest.raises(ValueError, match=match):
-            shard_graph(cut, chain, world, rank, "unused", "bf16", TracingContext.get().fake_mode)
+            shard_graph(cut, chain, world, rank, "unused", "bf16")
         seen.append(True)
         return gm.forward
 
@@ -271,7 +270,7 @@ def test_symbolic_shapes_are_refused():
     def backend(gm, example_inputs):
         chain = find_block_chain(gm, find_block_loops(gm), find_graph_inputs(gm))
         with pytest.raises(ValueError, match="compile with dynamic=False"):
-            shard_graph(gm, chain, 2, 0, "unused", "bf16", None)
+            shard_graph(gm, chain, 2, 0, "unused", "bf16")
         seen.append(True)
         return gm.forward
 

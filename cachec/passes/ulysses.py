@@ -302,30 +302,24 @@ class _Rewrite:
         dim = _arg(n, 1, "dim")
         return isinstance(seq, Seq) and dim is not None and _norm(dim, _ndim(n)) != seq.dim and self.keep(n, n.args[0])
 
-    def _reduce(self, n) -> bool:
+    def _reduce(self, n, keepdim) -> bool:
         """A reduction over dims other than the sequence (an RMS norm's mean over channels)."""
         x, seq = n.args[0], self.sh.get(n.args[0])
         dim = _arg(n, 1, "dim")
-        if not isinstance(seq, Seq) or dim is None or not isinstance(_ndim(n) >= 0 and example_value(n), torch.Tensor):
+        if not isinstance(seq, Seq) or dim is None or not isinstance(example_value(n), torch.Tensor):
             return False
         dims = {_norm(d, _ndim(x)) for d in (dim if isinstance(dim, (list, tuple)) else (dim,))}
         if seq.dim in dims:
             return False
-        keep = _arg(n, 2, "keepdim", False)
-        return self.keep(n, x, seq.dim if keep else seq.dim - sum(d < seq.dim for d in dims))
+        return self.keep(n, x, seq.dim if keepdim else seq.dim - sum(d < seq.dim for d in dims))
 
-    op_mean = op_sum = op_amax = op_amin = op_prod = op_logsumexp = op_nansum = _reduce
+    def op_mean(self, n):   # mean(x, dim, keepdim), and sum, amax, ... alike
+        return self._reduce(n, _arg(n, 2, "keepdim", False))
 
-    def op_var(self, n):   # var(x, dim, unbiased/correction..., keepdim): keepdim only by keyword
-        x, seq = n.args[0], self.sh.get(n.args[0])
-        dim = _arg(n, 1, "dim")
-        if not isinstance(seq, Seq) or dim is None:
-            return False
-        dims = {_norm(d, _ndim(x)) for d in (dim if isinstance(dim, (list, tuple)) else (dim,))}
-        if seq.dim in dims or len(n.args) > 2:
-            return False
-        keep = n.kwargs.get("keepdim", False)
-        return self.keep(n, x, seq.dim if keep else seq.dim - sum(d < seq.dim for d in dims))
+    op_sum = op_amax = op_amin = op_prod = op_logsumexp = op_nansum = op_mean
+
+    def op_var(self, n):   # var(x, dim, unbiased/correction..., keepdim): keepdim only by keyword here
+        return len(n.args) <= 2 and self._reduce(n, n.kwargs.get("keepdim", False))
 
     op_std = op_var
 
@@ -658,7 +652,7 @@ class _Rewrite:
 
 
 def shard_graph(gm: fx.GraphModule, chain: BlockChain, world: int, rank: int, group_name: str,
-                comm: str, fake_mode) -> UlyssesInfo:
+                comm: str) -> UlyssesInfo:
     """Rewrite ``gm`` in place for ``rank`` of ``world`` (module docstring) and refresh its
     fake values; returns what it did."""
     for node in gm.graph.nodes:
@@ -675,7 +669,7 @@ def shard_graph(gm: fx.GraphModule, chain: BlockChain, world: int, rank: int, gr
     inputs = [example_value(p) for p in gm.graph.find_nodes(op="placeholder")]
     with torch.no_grad():
         # the mode of dynamo's values (TracingContext's, which detect_fake_mode prefers, is another)
-        mode = next((v.fake_mode for v in inputs if hasattr(v, "fake_mode")), fake_mode)
+        mode = next(v.fake_mode for v in inputs if hasattr(v, "fake_mode"))
         FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*inputs)
     for node in gm.graph.nodes:
         if "val" in node.meta:

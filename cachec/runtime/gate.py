@@ -145,12 +145,12 @@ class RankAgreement:
         reduced = values[n_t:]
         width = parts[0].numel()
         checks = reduced[width:]
-        what = ["the call's place in the generation (step, branch, calls so far, cached state)"] + \
-            [f"timestep {i}" for i in range(n_t) for _ in (0, 1)]
         for k in range(0, len(checks), 2):
             if self.world * checks[k + 1] != checks[k] * checks[k]:
+                what = ("the call's place in the generation (step, branch, calls so far, cached state)" if k == 0
+                        else f"timestep {(k - 2) // 4}")   # pairs: place, then two per timestep
                 raise RuntimeError(f"cachec: the {self.world} ranks of the Ulysses group disagree on "
-                                   f"{what[k // 2]}: they would take different cache decisions and deadlock "
+                                   f"{what}: they would take different cache decisions and deadlock "
                                    f"in the next collective. Every rank must run the same pipeline calls with "
                                    f"the same timesteps and options (and refresh at the same points).")
         t = read_timestep(values[:n_t]) if n_t else None
