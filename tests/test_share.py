@@ -73,6 +73,59 @@ def test_blocks_share_a_subgraph_exactly_when_their_structure_is_equal(scales, e
     torch.testing.assert_close(gm(*ex), want, rtol=0, atol=0)
 
 
+class Modulated(torch.nn.Module):
+    """A block that reads a value every block reads alike (``c``, as FLUX blocks read
+    ``temb``); with ``in_place`` it scales what it computes from ``c`` in place (through
+    a view with ``"view"``)."""
+
+    def __init__(self, in_place=False, dim: int = 8):
+        super().__init__()
+        self.in_place = in_place
+        self.w = torch.nn.Parameter(torch.randn(dim))
+
+    def forward(self, h, c):
+        gate = torch.sigmoid(c)
+        if self.in_place == "view":
+            gate.view(-1).mul_(2.0)
+        elif self.in_place:
+            gate.mul_(2.0)
+        return h * gate * self.w + torch.cos(c)
+
+
+class ModulatedStack(torch.nn.Module):
+    def __init__(self, in_place):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([Modulated(in_place) for _ in range(4)])
+
+    def forward(self, h, c):
+        for b in self.blocks:
+            h = b(h, c)
+        return h.sum(-1)
+
+
+def _targets(gm: fx.GraphModule) -> list:
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("in_place", [False, True, "view"])
+def test_what_blocks_compute_alike_from_a_shared_input_runs_once_outside(in_place):
+    """``sigmoid(c)`` and ``cos(c)`` are the same in every block: they leave the shared
+    subgraph and run once in front of the calls, unless a block writes into them."""
+    torch.manual_seed(0)
+    model, h, c = ModulatedStack(in_place), torch.randn(2, 8), torch.randn(2, 8)
+    gm, ex = _dynamo_graph(model, h, c)
+    want = gm(*ex)
+    assert share_blocks(gm) == (4, 1)
+    sub = getattr(gm, SUBGRAPH_PREFIX + "0")
+    outside, inside = _targets(gm), _targets(sub)
+    assert outside.count(torch.cos) == 1 and torch.cos not in inside
+    if in_place:   # a block's own tensor, written in place: computed per block, inside
+        assert torch.sigmoid not in outside and inside.count(torch.sigmoid) == 1
+    else:
+        assert outside.count(torch.sigmoid) == 1 and torch.sigmoid not in inside
+    torch.testing.assert_close(gm(*ex), want, rtol=0, atol=0)
+
+
 def test_tiny_flux_outlined_computes_what_it_did():
     """The tiny FLUX at 3 double + 6 single blocks: the double blocks share one subgraph, each
     subgraph serves two blocks or more; no subgraph returns a view (inductor misplaces those:
@@ -89,6 +142,11 @@ def test_tiny_flux_outlined_computes_what_it_did():
     for name in set(calls):
         out = next(iter(getattr(gm, name).graph.find_nodes(op="output")))
         assert not any(example_value(o)._is_view() for o in out.args[0])
+        # silu(temb) ahead of each block's modulation: hoisted out, once for all blocks
+        assert torch.nn.functional.silu not in _targets(getattr(gm, name))
+    silus = [n for n in gm.graph.nodes if n.target is torch.nn.functional.silu]
+    into_calls = [n for n in silus if any(u.target is torch.ops.higher_order.invoke_subgraph for u in n.users)]
+    assert len(into_calls) == 1
     torch.testing.assert_close(gm(*ex), want, rtol=0, atol=0)
     aot = torch._dynamo.backends.debugging.aot_eager(gm, ex)
     torch.testing.assert_close(aot(*ex), original(*ex), rtol=0, atol=0)

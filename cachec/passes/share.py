@@ -19,6 +19,11 @@ Rules:
   image tokens) stay in the outer graph, after the call: inductor 2.13 places
   a subgraph output that is a view at an offset of its buffer twice, and the
   result is wrong (seen: FLUX single blocks, garbage or a heap corruption).
+* What a block computes from values made outside it alone (FLUX's ``silu(temb)``
+  ahead of every block's modulation) moves out of the block, in front of its call,
+  and equal such nodes of different blocks become one (``_hoist``). Inline,
+  AOTAutograd's CSE and inductor's fusion would have merged them; outlined, each
+  call would run them again as kernels of their own.
 * A block whose structure occurs only once in the piece stays inline.
 * Blocks with symbolic sizes (``dynamic=True``) or non-tensor inputs are left
   inline: inductor's subgraph operands are tensors of fixed layout. So are blocks
@@ -110,10 +115,49 @@ def _mutates_input(n: fx.Node, inside: set) -> bool:
     return not isinstance(target, fx.Node) or target not in inside
 
 
-def _outline_parts(run: list[fx.Node]):
-    """(body, inputs, outputs) of one block, its trailing views left out; None when it
-    cannot be outlined."""
-    inside = set(run)
+_RANDOM = ("rand", "dropout", "bernoulli", "normal", "multinomial", "uniform")
+
+
+def _written(n: fx.Node) -> bool:
+    """Whether an in-place op writes into ``n``, directly or through views of it."""
+    return any(_in_place(u) or (_is_view(u) and _written(u)) for u in n.users)
+
+
+def _hoistable(n: fx.Node, outside) -> bool:
+    """A pure node whose inputs all satisfy ``outside`` and whose value is a tensor of
+    its own (not a view)."""
+    if n.op not in ("call_function", "call_method") or _in_place(n) or n.is_impure():
+        return False
+    name = str(getattr(n.target, "__name__", n.target)).lower()
+    if any(r in name for r in _RANDOM) or _written(n):
+        return False
+    if not static_tensor(example_value(n)) or _is_view(n):
+        # a subgraph takes tensors of fixed layout; a view costs nothing inside, while
+        # inductor rebuilds a view operand (``reinterpret_tensor``) on every call
+        return False
+    return all(outside(a) for a in n.all_input_nodes)
+
+
+def _outline_parts(run: list[fx.Node], common: tuple[int, ...] = ()):
+    """(hoisted, body, inputs, outputs) of one block, its trailing views left out; None
+    when it cannot be outlined. ``common``: positions among the inputs of the block
+    outlined as a whole that hold the same value in every block of its structure (FLUX's
+    ``temb``); what the block computes from those alone goes into ``hoisted``."""
+    parts = _parts(run, [])
+    if parts is None or not common:
+        return parts
+    same = {parts[2][i] for i in common}
+    hoisted: list[fx.Node] = []
+    for n in run:
+        if _hoistable(n, lambda a: a in same):
+            hoisted.append(n)
+            same.add(n)
+    return (_parts(run, hoisted) or parts) if hoisted else parts   # or without, if that broke a rule
+
+
+def _parts(run: list[fx.Node], hoisted: list[fx.Node]):
+    inside = set(run).difference(hoisted)
+    run = [n for n in run if n in inside]
     tail: set[fx.Node] = set()
     for n in reversed(run):
         # a pure view read after the block; never an in-place op (its result is a view too,
@@ -135,7 +179,7 @@ def _outline_parts(run: list[fx.Node]):
         return None
     if not all(_values_static(n) for n in body) or not all(static_tensor(example_value(o)) for o in outputs):
         return None
-    return body, inputs, outputs
+    return hoisted, body, inputs, outputs
 
 
 def _structure(body: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]) -> tuple:
@@ -177,21 +221,31 @@ def share_blocks(gm: fx.GraphModule) -> tuple[int, int]:
     what it computed, node for node; each block's outputs keep their names' meta.
     """
     runs = _block_runs(gm)
-    keys = [None if (parts := _outline_parts(run)) is None else _structure(*parts) for run in runs]
+    parts = [_outline_parts(run) for run in runs]
+    keys = [None if p is None else _structure(*p[1:]) for p in parts]
     repeats = collections.Counter(k for k in keys if k is not None)
+    common = {}   # per structure: the input positions every block of it reads the same value at
+    for p, k in zip(parts, keys):
+        if k is not None:
+            common[k] = [a if a is p[2][i] else None for i, a in enumerate(common.get(k, p[2]))]
+    common = {k: tuple(i for i, a in enumerate(v) if a is not None) for k, v in common.items()}
     shared: dict[tuple, str] = {}
     outlined = 0
+    hoisted_all: list[fx.Node] = []
     for run, first_key in zip(runs, keys):
         if first_key is None or repeats[first_key] < 2:   # once: inline keeps its fusion, costs no call
             continue
         # again: outlining the blocks before this one replaced its inputs by their calls' items
-        body, inputs, outputs = _outline_parts(run)
+        hoisted, body, inputs, outputs = _outline_parts(run, common[first_key])
         key = _structure(body, inputs, outputs)
         name = shared.get(key)
         if name is None:
             name = shared[key] = f"{SUBGRAPH_PREFIX}{len(shared)}"
             gm.add_submodule(name, _subgraph(gm, body, inputs, outputs))
         inside = set(body)
+        for n in hoisted:   # inputs first: in front of the block's first node, in order
+            body[0].prepend(n)
+        hoisted_all += hoisted
         with gm.graph.inserting_before(body[0]):
             attr = gm.graph.get_attr(name)
             call = gm.graph.call_function(torch.ops.higher_order.invoke_subgraph, (attr, name, *inputs))
@@ -203,10 +257,23 @@ def share_blocks(gm: fx.GraphModule) -> tuple[int, int]:
         for n in reversed(body):
             gm.graph.erase_node(n)
         outlined += 1
+    _merge_equal(gm, hoisted_all)
     if outlined:
         gm.graph.lint()
         gm.recompile()
     return outlined, len(shared)
+
+
+def _merge_equal(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    """Nodes among ``nodes`` that repeat an earlier one (same operation on the same
+    arguments) are replaced by it: the hoisted ``silu(temb)`` of every block becomes one."""
+    seen: dict[tuple, fx.Node] = {}
+    for n in nodes:
+        key = (n.op, n.target, repr(n.args), repr(n.kwargs), tuple(n.all_input_nodes))
+        first = seen.setdefault(key, n)
+        if first is not n:
+            n.replace_all_uses_with(first)
+            gm.graph.erase_node(n)
 
 
 @contextlib.contextmanager
