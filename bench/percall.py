@@ -14,6 +14,9 @@ two copies of the same code give the noise floor of the comparison (on the tiny
 FLUX, ~30 us between two copies, from where each one's tensors landed). With
 ``--inner inductor`` cachec also runs with ``share_blocks=False`` (every block
 compiled inline), which prices what calling shared block code costs per call.
+``--guard-filter NAME`` compiles every system with ``torch.compiler.NAME`` as dynamo's
+guard filter (``skip_guard_on_inbuilt_nn_modules_unsafe``: no guards on the model's
+modules and parameters, which every call checks otherwise).
 
 Each round times one 28-step generation per system, systems in a shuffled order,
 with warm caches; the per-call time of a system is its median over rounds. The table gives
@@ -61,29 +64,32 @@ def package_at(rev: str):
     return importlib.import_module(name)
 
 
-def systems(inner: str, baseline, variants: bool = False, cached: bool = False) -> dict:
+def systems(inner: str, baseline, variants: bool = False, cached: bool = False, guard_filter=None) -> dict:
+    def tc(m, backend, options=None):   # torch.compile, with the guard filter if one was asked for
+        options = {**(options or {}), **({"guard_filter_fn": guard_filter} if guard_filter else {})}
+        return torch.compile(m, backend=backend, options=options or None)
+
     opts = {"inner_backend": inner, "residual_diff_threshold": 0.0}
-    out = {"torch.compile": lambda m: torch.compile(m, backend=inner),
-           "cachec": lambda m: torch.compile(m, backend=functools.partial(cachec.cachec_backend, options=opts))}
+    out = {"torch.compile": lambda m: tc(m, inner),
+           "cachec": lambda m: tc(m, functools.partial(cachec.cachec_backend, options=opts))}
     if inner == "inductor":   # blocks compiled once (the default) against inlined
         unshared = {**opts, "share_blocks": False}
-        out["cachec share_blocks=False"] = lambda m: torch.compile(
-            m, backend=functools.partial(cachec.cachec_backend, options=unshared))
+        out["cachec share_blocks=False"] = lambda m: tc(
+            m, functools.partial(cachec.cachec_backend, options=unshared))
     if inner == "inductor" and variants:   # inductor's per-call input asserts: off in plain, on in cachec
-        out["torch.compile size_asserts=False"] = lambda m: torch.compile(m, backend=inner,
-                                                                          options={"size_asserts": False})
+        out["torch.compile size_asserts=False"] = lambda m: tc(m, inner, options={"size_asserts": False})
         loud = {**opts, "inductor": {"size_asserts": True}}
-        out["cachec size_asserts=True"] = lambda m: torch.compile(
-            m, backend=functools.partial(cachec.cachec_backend, options=loud))
+        out["cachec size_asserts=True"] = lambda m: tc(
+            m, functools.partial(cachec.cachec_backend, options=loud))
     if cached:   # every step after the first reuses the middle: what a cached step costs
         always = {**opts, "residual_diff_threshold": 1.0, "max_warmup_steps": 0, "max_continuous_cached_steps": -1,
                   "max_cached_steps": -1}
-        out["cachec cached steps"] = lambda m: torch.compile(
-            m, backend=functools.partial(cachec.cachec_backend, options=always))
+        out["cachec cached steps"] = lambda m: tc(
+            m, functools.partial(cachec.cachec_backend, options=always))
     if baseline is not None:
         rev, pkg = baseline
         for name in (f"cachec@{rev}", f"cachec@{rev} (2nd copy)"):
-            out[name] = lambda m: torch.compile(m, backend=functools.partial(pkg.cachec_backend, options=opts))
+            out[name] = lambda m: tc(m, functools.partial(pkg.cachec_backend, options=opts))
     return out
 
 
@@ -113,6 +119,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=80)
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--guard-filter", help="a torch.compiler guard filter for every system "
+                    "(skip_guard_on_inbuilt_nn_modules_unsafe, skip_guard_on_all_nn_modules_unsafe, ...)")
     ap.add_argument("--variants", action="store_true",
                     help="inductor: also plain compile with inductor's size_asserts off, cachec with them on")
     ap.add_argument("--cached", action="store_true",
@@ -124,10 +132,20 @@ def main():
     baseline = (args.baseline, package_at(args.baseline)) if args.baseline else None
     new_model, calls = model_and_calls(args.model, args.steps, args.side, args.blocks)
     # one model instance each (same weights): compiled code and cachec's state stay apart
-    compiled = {name: make(new_model()) for name, make in systems(args.inner, baseline, args.variants, args.cached).items()}
+    guard_filter = getattr(torch.compiler, args.guard_filter) if args.guard_filter else None
+    made = systems(args.inner, baseline, args.variants, args.cached, guard_filter)
+    compiled = {name: make(new_model()) for name, make in made.items()}
+    entry_options = {"guard_filter_fn": guard_filter} if guard_filter else None
     if args.cached and args.model == "flux":   # what a cached step still runs, compiled plainly: the
         # same prologue and epilogue around the first block alone
-        compiled["torch.compile, first block only"] = torch.compile(_tiny_flux_transformer(1, 0), backend=args.inner)
+        compiled["torch.compile, first block only"] = torch.compile(_tiny_flux_transformer(1, 0), backend=args.inner,
+                                                                    options=entry_options and dict(entry_options))
+        # dynamo's entry alone (guards on every parameter, frame and wrappers): a backend that returns
+        # the outputs at once, on the full model and on the first-block model
+        compiled["dynamo entry only"] = torch.compile(new_model(), backend=_entry_only,
+                                                      options=entry_options and dict(entry_options))
+        compiled["dynamo entry only, first block only"] = torch.compile(
+            _tiny_flux_transformer(1, 0), backend=_entry_only, options=entry_options and dict(entry_options))
     times = {name: [] for name in compiled}
     with torch.no_grad():
         for name, m in compiled.items():   # compile and warm up
@@ -152,14 +170,28 @@ def main():
         print(f"{name:<30} {ms:8.4f} {ms / plain:8.3f} {(ms - plain) * 1e3:9.1f}")
     if args.cached:
         share = flop_share_outside_middle(new_model(), calls[0])
-        ms = statistics.median(times["cachec cached steps"])
+        # the generation's first call computes (as a threshold-0 call does); the other calls are cached
+        ms = (statistics.median(times["cachec cached steps"]) * len(calls) - statistics.median(times["cachec"])) \
+            / (len(calls) - 1)
         print(f"cached steps: the first block, prologue and epilogue are {share:.1%} of a call's FLOPs; "
               f"that share of plain's time is {plain * share:.4f} ms, and a cached step costs {ms:.4f} ms "
-              f"({(ms - plain * share) * 1e3:.1f} us over the FLOP share, 1 computed call in {len(calls)} included)")
+              f"({(ms - plain * share) * 1e3:.1f} us over the FLOP share; the generation's computed first call "
+              f"taken out at the threshold-0 call's time)")
         if "torch.compile, first block only" in times:
             alone = statistics.median(times["torch.compile, first block only"])
+            entry = statistics.median(times["dynamo entry only"]) - \
+                statistics.median(times["dynamo entry only, first block only"])
             print(f"the same work compiled plainly (prologue, first block, epilogue) takes {alone:.4f} ms: a cached "
-                  f"step costs {(ms - alone) * 1e3:.1f} us more")
+                  f"step costs {(ms - alone) * 1e3:.1f} us more, of which {entry * 1e3:.1f} us is dynamo's entry "
+                  f"into the full model (its guards check every parameter; plain compile of the full model pays "
+                  f"it too) and {(ms - alone - entry) * 1e3:.1f} us cachec's own")
+
+
+def _entry_only(gm, example_inputs):
+    """A backend whose compiled graph returns the first call's outputs: a call then costs
+    dynamo's entry alone."""
+    outs = gm(*example_inputs)
+    return lambda *args: outs
 
 
 def flop_share_outside_middle(model: torch.nn.Module, kwargs: dict) -> float:

@@ -77,3 +77,23 @@ def test_pieces_compile_without_input_asserts_unless_asked():
     assert _inductor_patches(cachec.parse_options({"inductor": {"max_autotune": True}})) == {
         "size_asserts": False, "max_autotune": True}
     assert _inductor_patches(cachec.parse_options({"inner_backend": "aot_eager"})) == {}
+
+
+def test_a_guard_filter_reaches_dynamo_beside_cachec_options():
+    """``guard_filter_fn`` (README, *Guards*) goes in the same ``options`` as cachec's keys:
+    torch.compile hands it to dynamo, which applies it, and cachec never sees it."""
+    seen = []
+
+    def keep_no_module_guards(entries):
+        seen.append(len(entries))
+        return torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
+
+    torch.manual_seed(0)
+    model, x = ToyDiT(4), torch.randn(1, 16, 8)
+    compiled = torch.compile(model, backend="cachec", options={
+        "inner_backend": "eager", "residual_diff_threshold": 0.0, "guard_filter_fn": keep_no_module_guards})
+    with torch.no_grad():
+        out = compiled(x, torch.tensor([1.0]))
+        torch.testing.assert_close(out, model(x, torch.tensor([1.0])))
+    assert seen and seen[0] > 0
+    assert len(cachec.summary(compiled).blocks) == 4
