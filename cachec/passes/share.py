@@ -19,11 +19,14 @@ Rules:
   image tokens) stay in the outer graph, after the call: inductor 2.13 places
   a subgraph output that is a view at an offset of its buffer twice, and the
   result is wrong (seen: FLUX single blocks, garbage or a heap corruption).
-* What a block computes from values made outside it alone (FLUX's ``silu(temb)``
-  ahead of every block's modulation) moves out of the block, in front of its call,
-  and equal such nodes of different blocks become one (``_hoist``). Inline,
-  AOTAutograd's CSE and inductor's fusion would have merged them; outlined, each
-  call would run them again as kernels of their own.
+* What a block computes from values that every block of its structure reads alike
+  (FLUX's ``silu(temb)`` ahead of each block's modulation; not the carried hidden
+  states, not the block's own parameters) moves out in front of its call, and equal
+  such nodes of different blocks become one (``_outline_parts``, ``_merge_equal``).
+  Inline, inductor fused that work into a kernel of the block before; outlined, each
+  call would run it again as kernels and buffers of its own. Views stay inside (free
+  there; inductor rebuilds a view operand on every call), and so does anything
+  written in place or random.
 * A block whose structure occurs only once in the piece stays inline.
 * Blocks with symbolic sizes (``dynamic=True``) or non-tensor inputs are left
   inline: inductor's subgraph operands are tensors of fixed layout. So are blocks
