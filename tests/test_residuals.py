@@ -154,3 +154,67 @@ def test_fused_probe_returns_each_blocks_input_change_along_the_reuse_trajectory
         assert float(sums[i, 1]) == pytest.approx(float(stored.abs().sum()), rel=1e-4)
         x = x + residual
     torch.testing.assert_close(probe_sums(want[1], *pairs), sums)
+
+
+def _dynamo_graph(module, *args) -> fx.GraphModule:
+    """The graph dynamo hands a backend, with its example values."""
+    seen = []
+    torch._dynamo.reset()
+    torch.compile(module, backend=lambda gm, ex: seen.append(gm) or gm.forward)(*args)
+    return seen[0]
+
+
+@pytest.mark.parametrize("signal", ["residual", "probe", "modulated", "snapshot", "none", "mid"])
+def test_fused_ops_are_ones_aotautograds_cache_accepts(signal):
+    """What the passes add to a dynamo graph are aten ops with example values, not calls of
+    Python functions: AOTAutograd's cache would bypass a graph with those and trace every
+    piece again on each warm start. The fused graph still computes what the eager one does."""
+    from torch._functorch._aot_autograd.autograd_cache import check_node_safe
+    args, prev = inputs(5, 8, torch.float32)
+    gm = _dynamo_graph(JointBlock(), *args)
+    by_name = dict(zip(("L_txt_", "L_x_", "L_attn_", "L_gate_"), args))   # dynamo orders its inputs its own way
+    ordered = [by_name[p.target] for p in gm.graph.find_nodes(op="placeholder")]
+    hidden_in = next(p.name for p in gm.graph.find_nodes(op="placeholder") if p.target == "L_x_")
+    if signal == "mid":
+        x_index = next(i for i, a in enumerate(ordered) if a is args[1])
+        fused, extra = fuse_residuals(gm, [None, x_index]), []
+    else:
+        fused = fuse_gate_signals(gm, hidden_in, 1, signal, probes=2)
+        extra = {"residual": [prev], "modulated": [args[1]], "probe": [prev, prev, prev, prev]}.get(signal, [])
+    for node in fused.graph.nodes:
+        check_node_safe(node)   # raises BypassAOTAutogradCache on a node it cannot hash
+    outs, x = list(JointBlock()(*args)), args[1]
+
+    def row(p, c):
+        return torch.stack([(p - c).abs().sum(), p.abs().sum()])
+    empty = torch.zeros(0, 2)
+    want = {"residual": outs + [outs[1] - x, row(prev, outs[1] - x)[None]],
+            "modulated": outs + [x, row(x, x)[None]],
+            "snapshot": outs + [x, empty],
+            "none": outs + [empty],
+            "probe": outs + [torch.stack([row(prev, outs[1]), row(prev, outs[1] + prev)])],
+            "mid": outs + [outs[1] - x]}[signal]
+    got = fused(*ordered, *extra)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_combination_graph_is_one_aotautograds_cache_accepts(keep):
+    """The calibrated cached step's graph (passes.calibrate): aten ops only, and it writes
+    ``base + sum_k coefs[k] * terms[k]`` into a strided ``out`` in place."""
+    from torch._functorch._aot_autograd.autograd_cache import check_node_safe
+    from cachec.passes.calibrate import combination_graph
+    gm = combination_graph(2, keep)
+    for node in gm.graph.nodes:
+        check_node_safe(node)
+    g = torch.Generator().manual_seed(0)
+    base, t0, t1 = (torch.randn(2, 4, 3, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    out = torch.empty(2, 3, 4, dtype=torch.bfloat16).transpose(1, 2)   # strided, as a computed output can be
+    coefs = torch.tensor([0.5, -2.0])
+    pred = gm(out, base, coefs, t0, t1)
+    want = base.float() + 0.5 * t0.float() - 2.0 * t1.float()
+    torch.testing.assert_close(out, want.to(torch.bfloat16), rtol=0, atol=0)
+    if keep:
+        torch.testing.assert_close(pred[0], 0.5 * t0.float() - 2.0 * t1.float(), rtol=0, atol=0)

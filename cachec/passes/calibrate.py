@@ -29,11 +29,15 @@ def combination_graph(terms: int, keep: bool = False) -> fx.GraphModule:
     g = fx.Graph()
     out, base, coefs = g.placeholder("out"), g.placeholder("base"), g.placeholder("coefs")
     pred = None
+    aten = torch.ops.aten   # aten ops, not method calls: AOTAutograd's cache accepts them
+
+    def f32(x):
+        return g.call_function(aten._to_copy.default, (x,), {"dtype": torch.float32})
     for k in range(terms):
-        term = g.call_method("float", (g.placeholder(f"term{k}"),))
+        term = f32(g.placeholder(f"term{k}"))
         part = g.call_function(operator.mul, (term, g.call_function(operator.getitem, (coefs, k))))
         pred = part if pred is None else g.call_function(operator.add, (pred, part))
-    total = g.call_function(operator.add, (g.call_method("float", (base,)), pred))
-    g.call_method("copy_", (out, total))
+    total = g.call_function(operator.add, (f32(base), pred))
+    g.call_function(aten.copy_.default, (out, total))
     g.output((pred,) if keep else ())
     return fx.GraphModule(torch.nn.Module(), g)

@@ -15,18 +15,47 @@ inner backend gives exactly ``out - in``.
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..plan import l1_sums, probe_sums
-from .inputs import example_value
+from .inputs import example_value, static_tensor
 
 __all__ = ["fuse_gate_signals", "fuse_residuals"]
 
 
 def _residual(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
     return (out - inp).contiguous()
+
+
+def _call(graph: fx.Graph, fn: Callable, *args: fx.Node) -> fx.Node:
+    """``fn(*args)`` added to ``graph`` (at its insertion point) as the aten ops it runs
+    on the arguments' example values, each new node with its example value.
+
+    Not one node calling ``fn``: AOTAutograd's cache refuses a graph that calls a Python
+    function it cannot hash, and would trace every piece again on each warm start
+    (``Bypassing autograd cache due to: Unsupported call_function target``). Traced, the
+    cache key follows what ``fn`` computes, so a changed ``fn`` misses as it should."""
+    values = [example_value(a) for a in args]
+    if not all(static_tensor(v) for v in values):   # no example values, or symbolic sizes
+        return graph.call_function(fn, args)
+    with FakeTensorMode():   # the examples' own modes may differ (graphs propagated apart)
+        traced = make_fx(fn)(*(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+                               for v in values))
+    env: dict[fx.Node, fx.Node] = dict(zip(traced.graph.find_nodes(op="placeholder"), args))
+    result = None
+    for n in traced.graph.nodes:
+        if n.op == "output":
+            result = fx.node.map_arg(n.args[0], lambda a: env[a])
+        elif n.op != "placeholder":
+            env[n] = graph.node_copy(n, lambda a: env[a])
+            env[n].meta = {"example_value": n.meta.get("val"), "val": n.meta.get("val")}
+    return result
 
 
 def _output(graph: fx.Graph) -> fx.Node:
@@ -42,7 +71,7 @@ def fuse_residuals(mid: fx.GraphModule, residual_of: list) -> fx.GraphModule:
     placeholders, out_node = list(graph.find_nodes(op="placeholder")), _output(graph)
     outs = tuple(out_node.args[0])
     with graph.inserting_before(out_node):
-        residuals = tuple(graph.call_function(_residual, (o, placeholders[j]))
+        residuals = tuple(_call(graph, _residual, o, placeholders[j])
                           for o, j in zip(outs, residual_of) if j is not None)
     out_node.args = (outs + residuals,)
     graph.lint()
@@ -91,30 +120,39 @@ def fuse_gate_signals(fn: fx.GraphModule, hidden_in: str, hidden_out: int, signa
         like = next(o for o in outs if isinstance(example_value(o), torch.Tensor))
         with graph.inserting_before(out_node):
             if signal == "snapshot":
-                outs += (graph.call_function(_snapshot, (next(n for n in graph.nodes if n.name == hidden_in),)),)
-            out_node.args = (outs + (graph.call_function(_no_sums, (like,)),),)
+                outs += (_call(graph, _snapshot, next(n for n in graph.nodes if n.name == hidden_in)),)
+            out_node.args = (outs + (_call(graph, _no_sums, like),),)
         graph.lint()
         gm.recompile()
         return gm
     if signal in ("residual", "modulated"):
         start = next(n for n in graph.nodes if n.name == hidden_in)
         with graph.inserting_before(out_node):
-            outs += (graph.call_function(_residual, (outs[hidden_out], start)) if signal == "residual"
-                     else graph.call_function(_snapshot, (start,)),)
+            outs += (_call(graph, _residual, outs[hidden_out], start) if signal == "residual"
+                     else _call(graph, _snapshot, start),)
         extra = ["cachec_prev_residual"]
     else:
         extra = [f"cachec_probe_{kind}_{i}" for i in range(probes) for kind in ("stored", "residual")]
     last = list(graph.find_nodes(op="placeholder"))[-1]
+    # what the caller passes in (backend._gate_graph): contiguous, shaped like the residual
+    # (the copy, for "modulated") or like the hidden output (probes)
+    like = example_value(outs[-1] if signal != "probe" else outs[hidden_out])
+    value = None
+    if isinstance(like, torch.Tensor):
+        with detect_fake_mode([like]) or torch.no_grad():
+            value = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     added = []
     for name in extra:
         with graph.inserting_after(last):
             last = graph.placeholder(name)
+        if value is not None:
+            last.meta = {"example_value": value, "val": value}
         added.append(last)
     with graph.inserting_before(out_node):
         if signal != "probe":
-            sums = graph.call_function(l1_sums, (added[0], outs[-1]))
+            sums = _call(graph, l1_sums, added[0], outs[-1])
         else:
-            sums = graph.call_function(probe_sums, (outs[hidden_out], *added))
+            sums = _call(graph, probe_sums, outs[hidden_out], *added)
     out_node.args = (outs + (sums,),)
     graph.lint()
     gm.recompile()
