@@ -19,7 +19,6 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -138,8 +137,8 @@ def fuse_gate_signals(fn: fx.GraphModule, hidden_in: str, hidden_out: int, signa
     # (the copy, for "modulated") or like the hidden output (probes)
     like = example_value(outs[-1] if signal != "probe" else outs[hidden_out])
     value = None
-    if isinstance(like, torch.Tensor):
-        with detect_fake_mode([like]) or torch.no_grad():
+    if static_tensor(like):
+        with FakeTensorMode():   # what ``_call`` reads: sizes, strides, dtype, device
             value = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     added = []
     for name in extra:
