@@ -64,11 +64,14 @@ def package_at(rev: str):
     return importlib.import_module(name)
 
 
-def systems(inner: str, baseline, variants: bool = False, cached: bool = False, guard_filter=None) -> dict:
-    def tc(m, backend, options=None):   # torch.compile, with the guard filter if one was asked for
-        options = {**(options or {}), **({"guard_filter_fn": guard_filter} if guard_filter else {})}
-        return torch.compile(m, backend=backend, options=options or None)
+def _compile(m, backend, guard_filter=None, options=None):
+    """torch.compile, with dynamo's guard filter if one was asked for."""
+    options = {**(options or {}), **({"guard_filter_fn": guard_filter} if guard_filter else {})}
+    return torch.compile(m, backend=backend, options=options or None)
 
+
+def systems(inner: str, baseline, variants: bool = False, cached: bool = False, guard_filter=None) -> dict:
+    tc = functools.partial(_compile, guard_filter=guard_filter)
     opts = {"inner_backend": inner, "residual_diff_threshold": 0.0}
     out = {"torch.compile": lambda m: tc(m, inner),
            "cachec": lambda m: tc(m, functools.partial(cachec.cachec_backend, options=opts))}
@@ -135,17 +138,14 @@ def main():
     guard_filter = getattr(torch.compiler, args.guard_filter) if args.guard_filter else None
     made = systems(args.inner, baseline, args.variants, args.cached, guard_filter)
     compiled = {name: make(new_model()) for name, make in made.items()}
-    entry_options = {"guard_filter_fn": guard_filter} if guard_filter else None
     if args.cached and args.model == "flux":   # what a cached step still runs, compiled plainly: the
         # same prologue and epilogue around the first block alone
-        compiled["torch.compile, first block only"] = torch.compile(_tiny_flux_transformer(1, 0), backend=args.inner,
-                                                                    options=entry_options and dict(entry_options))
+        first_block = lambda: _tiny_flux_transformer(1, 0)  # noqa: E731
+        compiled["torch.compile, first block only"] = _compile(first_block(), args.inner, guard_filter)
         # dynamo's entry alone (guards on every parameter, frame and wrappers): a backend that returns
         # the outputs at once, on the full model and on the first-block model
-        compiled["dynamo entry only"] = torch.compile(new_model(), backend=_entry_only,
-                                                      options=entry_options and dict(entry_options))
-        compiled["dynamo entry only, first block only"] = torch.compile(
-            _tiny_flux_transformer(1, 0), backend=_entry_only, options=entry_options and dict(entry_options))
+        compiled["dynamo entry only"] = _compile(new_model(), _entry_only, guard_filter)
+        compiled["dynamo entry only, first block only"] = _compile(first_block(), _entry_only, guard_filter)
     times = {name: [] for name in compiled}
     with torch.no_grad():
         for name, m in compiled.items():   # compile and warm up

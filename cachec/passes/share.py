@@ -272,7 +272,7 @@ def _merge_equal(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
     arguments) are replaced by it: the hoisted ``silu(temb)`` of every block becomes one."""
     seen: dict[tuple, fx.Node] = {}
     for n in nodes:
-        key = (n.op, n.target, repr(n.args), repr(n.kwargs), tuple(n.all_input_nodes))
+        key = (n.op, n.target, repr(n.args), repr(n.kwargs))   # a node's repr is its unique name
         first = seen.setdefault(key, n)
         if first is not n:
             n.replace_all_uses_with(first)
