@@ -282,6 +282,32 @@ def _specialize_float_inputs(gm: fx.GraphModule) -> None:
         for n in names:
             TensorifyState.specialize(n)
         raise TensorifyScalarRestartAnalysis
+    _fold_constant_reads(gm)
+
+
+def _fold_constant_reads(gm: fx.GraphModule) -> None:
+    """Replace each ``.item()`` read whose value dynamo already made a constant by that number.
+
+    Dynamo can hand over a graph that still reads a specialized float back from its tensor
+    (seen: norm eps under ``dynamic=True`` on a warm start, the value a constant ``SymFloat``).
+    Compiled whole, AOTAutograd reads it off the example tensor's memo; a segment's example
+    inputs are fakes of another mode, so the read inside a segment is data-dependent and
+    fails, and dynamo falls back with a graph break. Folded, the tensor input goes unused.
+    """
+    folded = False
+    for node in list(gm.graph.nodes):
+        val = node.meta.get("example_value", node.meta.get("val"))
+        if (isinstance(val, torch.SymFloat) and not val.node.expr.free_symbols
+                and getattr(node.target, "__name__", node.target) in ("item", "_local_scalar_dense")):
+            number = float(val.node.expr)
+            for user in list(node.users):
+                user.args = fx.node.map_arg(user.args, lambda a: number if a is node else a)
+                user.kwargs = fx.node.map_arg(user.kwargs, lambda a: number if a is node else a)
+            gm.graph.erase_node(node)
+            folded = True
+    if folded:
+        gm.graph.lint()
+        gm.recompile()
 
 
 def _report_unproven(unproven: dict[str, list[str]], strict: bool, state: ModelState) -> None:

@@ -100,3 +100,28 @@ def test_dynamic_graph_with_static_hidden_states_compiles_through_aot():
     assert s.segments[0][0] == "prologue" and s.computed_steps == computed and s.cached_steps
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_a_float_dynamo_already_made_constant_is_folded_before_the_split():
+    """On a warm start with dynamic=True, dynamo handed FLUX's graph over with norm eps still
+    read back with ``.item()`` although its value was already a constant ``SymFloat``. A
+    segment's example inputs are fakes of another mode, so that read failed inside the Fn
+    segment (data-dependent) and dynamo fell back with a graph break. The backend now puts
+    the number in place of the read; the reference is ``layer_norm`` at that eps."""
+    import sympy
+    import torch.fx as fx
+    from torch.fx.experimental.sym_node import SymNode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from cachec.backend import _specialize_float_inputs
+    graph = fx.Graph()
+    x, eps = graph.placeholder("x"), graph.placeholder("eps")
+    read = graph.call_method("item", (eps,))
+    read.meta["example_value"] = torch.SymFloat(SymNode(sympy.Float(1e-2), ShapeEnv(), float, hint=1e-2))
+    graph.output(graph.call_function(torch.nn.functional.layer_norm, (x, (4,), None, None), {"eps": read}))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    _specialize_float_inputs(gm)
+    assert not [n for n in gm.graph.nodes if n.op == "call_method"]
+    x = torch.randn(3, 4) * 0.05
+    want = torch.nn.functional.layer_norm(x, (4,), eps=1e-2)
+    torch.testing.assert_close(gm(x, torch.tensor(1e-2, dtype=torch.float64)), want)
+    torch.testing.assert_close(gm(x, torch.tensor(0.5, dtype=torch.float64)), want)   # the constant, not the input
