@@ -1,7 +1,7 @@
 """First-call (compile) time of FLUX-shaped models: plain inductor against cachec, with and
 without compiling identical blocks once (``share_blocks``).
 
-    python bench/compile_cost.py [--sizes 6+12 19+38] [--csv F] [--md F]
+    python bench/compile_cost.py [--sizes 6+12 19+38] [--systems ...] [--dynamic] [--csv F] [--md F]
 
 Each first call runs in a fresh process. "cold" gives it an empty inductor cache
 directory (TORCHINDUCTOR_CACHE_DIR) of its own; "warm" runs it again in another
@@ -41,7 +41,7 @@ SYSTEMS = {   # name: (backend, cachec options, depth instead of the size asked)
 }
 
 
-def one(system: str, double: int, single: int) -> dict:
+def one(system: str, double: int, single: int, dynamic: bool = False) -> dict:
     """Time the first call of one compiled model in this process."""
     import torch
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -53,7 +53,7 @@ def one(system: str, double: int, single: int) -> dict:
     # torch.compile(backend="inductor") imports inductor's compile_fx right here, while cachec's
     # backend would import it inside the timed first call (~0.9 s): import it ahead for both
     import torch._inductor.compile_fx  # noqa: F401
-    compiled = torch.compile(model, backend=backend, options=opts)
+    compiled = torch.compile(model, backend=backend, options=opts, dynamic=True if dynamic else None)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start = time.perf_counter()
@@ -63,9 +63,9 @@ def one(system: str, double: int, single: int) -> dict:
     return {"first_call_s": first, "max_abs_err": (out - ref).abs().max().item()}
 
 
-def run(system: str, double: int, single: int, cache_dir: str) -> dict:
+def run(system: str, double: int, single: int, cache_dir: str, dynamic: bool = False) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
-    cmd = [sys.executable, __file__, "--one", system, "--size", f"{double}+{single}"]
+    cmd = [sys.executable, __file__, "--one", system, "--size", f"{double}+{single}"] + (["--dynamic"] if dynamic else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -76,12 +76,13 @@ def main():
     ap.add_argument("--systems", nargs="*", default=list(SYSTEMS), choices=list(SYSTEMS))
     ap.add_argument("--csv", help="write the rows here")
     ap.add_argument("--md", help="write the table here (markdown)")
+    ap.add_argument("--dynamic", action="store_true", help="torch.compile(..., dynamic=True) for every system")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         d, s = map(int, args.size.split("+"))
-        print(json.dumps(one(args.one, d, s)))
+        print(json.dumps(one(args.one, d, s, args.dynamic)))
         return
     from tqdm import tqdm
     rows = []
@@ -89,8 +90,8 @@ def main():
     for size, system in tqdm(todo, desc="first calls (cold, then warm)"):
         d, s = map(int, size.split("+"))
         with tempfile.TemporaryDirectory(prefix="cachec-compile-") as cache:
-            cold = run(system, d, s, cache)
-            warm = run(system, d, s, cache)
+            cold = run(system, d, s, cache, args.dynamic)
+            warm = run(system, d, s, cache, args.dynamic)
         rows.append({"blocks": size, "system": system, "cold_s": round(cold["first_call_s"], 2),
                      "warm_s": round(warm["first_call_s"], 2), "max_abs_err": f"{cold['max_abs_err']:.1e}"})
     for size in args.sizes:
