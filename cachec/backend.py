@@ -267,7 +267,8 @@ def _specialize_float_inputs(gm: fx.GraphModule) -> None:
     With ``dynamic=True`` dynamo passes Python floats (norm eps, RoPE theta) as 0-d
     float64 inputs read back with ``.item()``. Compiling the whole graph, AOTAutograd
     asks dynamo to specialize them (``TensorifyScalarRestartAnalysis``); compiling
-    segments with fake inputs cannot, and fails. So ask for the same restart first.
+    segments with fake inputs cannot, and fails. So ask for the same restart first, and
+    fold the reads whose values are constants already (``_fold_constant_reads``).
     """
     from torch._dynamo.exc import TensorifyScalarRestartAnalysis
     from torch._dynamo.symbolic_convert import TensorifyState
@@ -286,7 +287,8 @@ def _specialize_float_inputs(gm: fx.GraphModule) -> None:
 
 
 def _fold_constant_reads(gm: fx.GraphModule) -> None:
-    """Replace each ``.item()`` read whose value dynamo already made a constant by that number.
+    """Replace each ``.item()`` read whose value dynamo already made a constant by that number
+    (a float, int or bool with no free symbol).
 
     Dynamo can hand over a graph that still reads a specialized float back from its tensor
     (seen: norm eps under ``dynamic=True`` on a warm start, the value a constant ``SymFloat``).
@@ -297,9 +299,10 @@ def _fold_constant_reads(gm: fx.GraphModule) -> None:
     folded = False
     for node in list(gm.graph.nodes):
         val = node.meta.get("example_value", node.meta.get("val"))
-        if (isinstance(val, torch.SymFloat) and not val.node.expr.free_symbols
+        kind = {torch.SymFloat: float, torch.SymInt: int, torch.SymBool: bool}.get(type(val))
+        if (kind is not None and not val.node.expr.free_symbols
                 and getattr(node.target, "__name__", node.target) in ("item", "_local_scalar_dense")):
-            number = float(val.node.expr)
+            number = kind(val.node.expr)
             for user in list(node.users):
                 user.args = fx.node.map_arg(user.args, lambda a: number if a is node else a)
                 user.kwargs = fx.node.map_arg(user.kwargs, lambda a: number if a is node else a)

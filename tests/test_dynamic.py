@@ -113,15 +113,20 @@ def test_a_float_dynamo_already_made_constant_is_folded_before_the_split():
     from torch.fx.experimental.sym_node import SymNode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
     from cachec.backend import _specialize_float_inputs
-    graph = fx.Graph()
-    x, eps = graph.placeholder("x"), graph.placeholder("eps")
+    import operator
+    graph, env = fx.Graph(), ShapeEnv()
+    x, eps, count = graph.placeholder("x"), graph.placeholder("eps"), graph.placeholder("count")
     read = graph.call_method("item", (eps,))
-    read.meta["example_value"] = torch.SymFloat(SymNode(sympy.Float(1e-2), ShapeEnv(), float, hint=1e-2))
-    graph.output(graph.call_function(torch.nn.functional.layer_norm, (x, (4,), None, None), {"eps": read}))
+    read.meta["example_value"] = torch.SymFloat(SymNode(sympy.Float(1e-2), env, float, hint=1e-2))
+    times = graph.call_method("item", (count,))
+    times.meta["example_value"] = torch.SymInt(SymNode(sympy.Integer(3), env, int, hint=3))
+    normed = graph.call_function(torch.nn.functional.layer_norm, (x, (4,), None, None), {"eps": read})
+    graph.output(graph.call_function(operator.mul, (normed, times)))
     gm = fx.GraphModule(torch.nn.Module(), graph)
     _specialize_float_inputs(gm)
     assert not [n for n in gm.graph.nodes if n.op == "call_method"]
     x = torch.randn(3, 4) * 0.05
-    want = torch.nn.functional.layer_norm(x, (4,), eps=1e-2)
-    torch.testing.assert_close(gm(x, torch.tensor(1e-2, dtype=torch.float64)), want)
-    torch.testing.assert_close(gm(x, torch.tensor(0.5, dtype=torch.float64)), want)   # the constant, not the input
+    want = torch.nn.functional.layer_norm(x, (4,), eps=1e-2) * 3
+    torch.testing.assert_close(gm(x, torch.tensor(1e-2, dtype=torch.float64), torch.tensor(3)), want)
+    # the constants, not the inputs
+    torch.testing.assert_close(gm(x, torch.tensor(0.5, dtype=torch.float64), torch.tensor(7)), want)
