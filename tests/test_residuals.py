@@ -164,40 +164,84 @@ def _dynamo_graph(module, *args) -> fx.GraphModule:
     return seen[0]
 
 
+def _ordered(gm: fx.GraphModule, args: list) -> list:
+    """``args`` (txt, x, attn, gate) in the order of ``gm``'s inputs, dynamo's own; a symbolic
+    size input (``dynamic=True``) gets the size of the argument dimension it stands for."""
+    by_name = dict(zip(("L_txt_", "L_x_", "L_attn_", "L_gate_"), args))
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    tensors = [(p.meta["example_value"], by_name[p.target]) for p in placeholders if p.target in by_name]
+
+    def size(sym):
+        return next(int(t.shape[i]) for v, t in tensors for i, d in enumerate(v.shape)
+                    if isinstance(d, torch.SymInt) and d.node.expr == sym.node.expr)
+    return [by_name[p.target] if p.target in by_name else size(p.meta["example_value"]) for p in placeholders]
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("signal", ["residual", "probe", "modulated", "snapshot", "none", "mid"])
-def test_fused_ops_are_ones_aotautograds_cache_accepts(signal):
-    """What the passes add to a dynamo graph are aten ops with example values, not calls of
-    Python functions: AOTAutograd's cache would bypass a graph with those and trace every
-    piece again on each warm start. The fused graph still computes what the eager one does."""
+def test_fused_ops_are_ones_aotautograds_cache_accepts(signal, dynamic):
+    """What the passes add to a dynamo graph are aten ops, not calls of Python functions:
+    AOTAutograd's cache would bypass a graph with those and trace every piece again on each
+    warm start. The fused graph still computes what the eager one does; with
+    ``dynamic=True`` at a second token count too (the ops hold no size)."""
     from torch._functorch._aot_autograd.autograd_cache import check_node_safe
     args, prev = inputs(5, 8, torch.float32)
-    gm = _dynamo_graph(JointBlock(), *args)
-    by_name = dict(zip(("L_txt_", "L_x_", "L_attn_", "L_gate_"), args))   # dynamo orders its inputs its own way
-    ordered = [by_name[p.target] for p in gm.graph.find_nodes(op="placeholder")]
+    torch._dynamo.reset()
+    seen = []
+    torch.compile(JointBlock(), backend=lambda gm, ex: seen.append(gm) or gm.forward, dynamic=dynamic or None)(*args)
+    gm = seen[0]
+    ordered = _ordered(gm, args)
     hidden_in = next(p.name for p in gm.graph.find_nodes(op="placeholder") if p.target == "L_x_")
     if signal == "mid":
         x_index = next(i for i, a in enumerate(ordered) if a is args[1])
-        fused, extra = fuse_residuals(gm, [None, x_index]), []
+        fused = fuse_residuals(gm, [None, x_index])
     else:
         fused = fuse_gate_signals(gm, hidden_in, 1, signal, probes=2)
-        extra = {"residual": [prev], "modulated": [args[1]], "probe": [prev, prev, prev, prev]}.get(signal, [])
     for node in fused.graph.nodes:
         check_node_safe(node)   # raises BypassAOTAutogradCache on a node it cannot hash
-    outs, x = list(JointBlock()(*args)), args[1]
 
     def row(p, c):
         return torch.stack([(p - c).abs().sum(), p.abs().sum()])
-    empty = torch.zeros(0, 2)
-    want = {"residual": outs + [outs[1] - x, row(prev, outs[1] - x)[None]],
-            "modulated": outs + [x, row(x, x)[None]],
-            "snapshot": outs + [x, empty],
-            "none": outs + [empty],
-            "probe": outs + [torch.stack([row(prev, outs[1]), row(prev, outs[1] + prev)])],
-            "mid": outs + [outs[1] - x]}[signal]
-    got = fused(*ordered, *extra)
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    for tokens in (5, 7) if dynamic else (5,):
+        args, prev = inputs(tokens, 8, torch.float32, seed=tokens)
+        extra = {"residual": [prev], "modulated": [args[1]], "probe": [prev, prev, prev, prev]}.get(signal, [])
+        outs, x = list(JointBlock()(*args)), args[1]
+        empty = torch.zeros(0, 2)
+        want = {"residual": outs + [outs[1] - x, row(prev, outs[1] - x)[None]],
+                "modulated": outs + [x, row(x, x)[None]],
+                "snapshot": outs + [x, empty],
+                "none": outs + [empty],
+                "probe": outs + [torch.stack([row(prev, outs[1]), row(prev, outs[1] + prev)])],
+                "mid": outs + [outs[1] - x]}[signal]
+        got = fused(*_ordered(gm, args), *extra)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+            if g.dim() == 3 and w is not outs[0] and w is not outs[1]:
+                assert g.is_contiguous()   # residuals and copies: what the gate and the store rely on
+
+
+def test_a_function_whose_ops_hold_a_size_stays_one_call_under_symbolic_sizes():
+    """Under ``dynamic=True`` ``_call`` adds a function's aten ops only where tracing it at two
+    sizes gives the same graph; ``new_zeros(tokens)`` bakes the token count into the graph, so
+    it stays one call of the function, which computes at any size (``reshape(-1)`` traces to
+    ``view(t, [-1])``, which holds no size, and goes in as that op)."""
+    from cachec.passes.residuals import _call
+
+    def per_token(t):
+        return t.new_zeros(t.shape[1])
+    args, _ = inputs(5, 8, torch.float32)
+    torch._dynamo.reset()
+    seen = []
+    torch.compile(JointBlock(), backend=lambda gm, ex: seen.append(gm) or gm.forward, dynamic=True)(*args)
+    gm = seen[0]
+    x = next(p for p in gm.graph.find_nodes(op="placeholder") if p.target == "L_x_")
+    out = next(iter(gm.graph.find_nodes(op="output")))
+    with gm.graph.inserting_before(out):
+        zeros_node = _call(gm.graph, per_token, x)
+        flat_node = _call(gm.graph, lambda t: t.reshape(-1), x)
+    assert zeros_node.op == "call_function" and zeros_node.target is per_token
+    assert flat_node.target is torch.ops.aten.view.default and flat_node.args[1] == [-1]
 
 
 @pytest.mark.parametrize("keep", [False, True])

@@ -39,13 +39,18 @@ def _call(graph: fx.Graph, fn: Callable, *args: fx.Node) -> fx.Node:
     Not one node calling ``fn``: AOTAutograd's cache refuses a graph that calls a Python
     function it cannot hash, and would trace every piece again on each warm start
     (``Bypassing autograd cache due to: Unsupported call_function target``). Traced, the
-    cache key follows what ``fn`` computes, so a changed ``fn`` misses as it should."""
+    cache key follows what ``fn`` computes, so a changed ``fn`` misses as it should.
+
+    Symbolic sizes (``dynamic=True``): the ops go in when the trace does not depend on the
+    sizes (``_size_free_trace``), the result with its symbolic example value; otherwise, and
+    without example values at all, one node calls ``fn``."""
     values = [example_value(a) for a in args]
-    if not all(static_tensor(v) for v in values):   # no example values, or symbolic sizes
+    if all(static_tensor(v) for v in values):
+        traced, meta = _trace(fn, [(v.shape, v.stride(), v) for v in values]), True
+    else:
+        traced, meta = _size_free_trace(fn, values), False
+    if traced is None:
         return graph.call_function(fn, args)
-    with FakeTensorMode():   # the examples' own modes may differ (graphs propagated apart)
-        traced = make_fx(fn)(*(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
-                               for v in values))
     env: dict[fx.Node, fx.Node] = dict(zip(traced.graph.find_nodes(op="placeholder"), args))
     result = None
     for n in traced.graph.nodes:
@@ -53,8 +58,63 @@ def _call(graph: fx.Graph, fn: Callable, *args: fx.Node) -> fx.Node:
             result = fx.node.map_arg(n.args[0], lambda a: env[a])
         elif n.op != "placeholder":
             env[n] = graph.node_copy(n, lambda a: env[a])
-            env[n].meta = {"example_value": n.meta.get("val"), "val": n.meta.get("val")}
+            env[n].meta = {"example_value": n.meta.get("val"), "val": n.meta.get("val")} if meta else {}
+    if not meta and isinstance(result, fx.Node):   # the traced sizes are the hints': the symbolic value
+        value = _fake_result(fn, values)
+        result.meta = {"example_value": value, "val": value} if isinstance(value, torch.Tensor) else {}
     return result
+
+
+def _trace(fn: Callable, layouts: list) -> fx.GraphModule:
+    """``fn`` traced into aten ops on fake tensors of the given (shape, stride, like)."""
+    with FakeTensorMode():   # the examples' own modes may differ (graphs propagated apart)
+        return make_fx(fn)(*(torch.empty_strided(shape, stride, dtype=v.dtype, device=v.device)
+                             for shape, stride, v in layouts))
+
+
+def _size_free_trace(fn: Callable, values: list):
+    """``fn`` traced for symbolic arguments, or None where the ops depend on the sizes: traced
+    at the sizes and strides the symbols' hints give and again with every symbol one larger,
+    the two graphs must be the same (so ``.contiguous()`` decided alike, and no size went in)."""
+    if not all(isinstance(v, torch.Tensor) for v in values):
+        return None
+    hints: dict = {}
+    for v in values:
+        for d in (*v.shape, *v.stride()):
+            if isinstance(d, torch.SymInt):
+                env = d.node.shape_env
+                known = getattr(env, "backed_var_to_val", None)
+                for sym in d.node.expr.free_symbols:
+                    hint = (known if known is not None else env.var_to_val).get(sym)
+                    if hint is None:   # data-dependent: no hint to trace at
+                        return None
+                    hints[sym] = max(2, int(hint))
+
+    def at(bump: int) -> list:
+        sub = {sym: h + bump for sym, h in hints.items()}
+
+        def concrete(d):
+            return int(d.node.expr.xreplace(sub)) if isinstance(d, torch.SymInt) else d
+        return [([concrete(d) for d in v.shape], [concrete(d) for d in v.stride()], v) for v in values]
+    try:
+        first, second = _trace(fn, at(0)), _trace(fn, at(1))
+    except Exception:   # a size expression that does not evaluate at the hints
+        return None
+    return first if first.code == second.code else None
+
+
+def _fake_result(fn: Callable, values: list):
+    """What ``fn`` returns on the symbolic example values (one fake mode), adding no guard;
+    None where that cannot be had."""
+    modes = {getattr(v, "fake_mode", None) for v in values}
+    mode = modes.pop() if len(modes) == 1 else None
+    if mode is None or mode.shape_env is None:
+        return None
+    try:
+        with mode, mode.shape_env.suppress_guards():
+            return fn(*values)
+    except Exception:
+        return None
 
 
 def _output(graph: fx.Graph) -> fx.Node:
@@ -140,6 +200,8 @@ def fuse_gate_signals(fn: fx.GraphModule, hidden_in: str, hidden_out: int, signa
     if static_tensor(like):
         with FakeTensorMode():   # what ``_call`` reads: sizes, strides, dtype, device
             value = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    elif isinstance(like, torch.Tensor):   # symbolic sizes: a contiguous value in their own mode
+        value = _fake_result(lambda x: torch.empty(x.shape, dtype=x.dtype, device=x.device), [like])
     added = []
     for name in extra:
         with graph.inserting_after(last):
