@@ -108,12 +108,12 @@ def test_a_float_dynamo_already_made_constant_is_folded_before_the_split():
     segment's example inputs are fakes of another mode, so that read failed inside the Fn
     segment (data-dependent) and dynamo fell back with a graph break. The backend now puts
     the number in place of the read; the reference is ``layer_norm`` at that eps."""
+    import operator
     import sympy
     import torch.fx as fx
     from torch.fx.experimental.sym_node import SymNode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
     from cachec.backend import _specialize_float_inputs
-    import operator
     graph, env = fx.Graph(), ShapeEnv()
     x, eps, count = graph.placeholder("x"), graph.placeholder("eps"), graph.placeholder("count")
     read = graph.call_method("item", (eps,))

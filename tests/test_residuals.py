@@ -156,11 +156,11 @@ def test_fused_probe_returns_each_blocks_input_change_along_the_reuse_trajectory
     torch.testing.assert_close(probe_sums(want[1], *pairs), sums)
 
 
-def _dynamo_graph(module, *args) -> fx.GraphModule:
-    """The graph dynamo hands a backend, with its example values."""
+def _dynamo_graph(module, *args, dynamic: bool = False) -> fx.GraphModule:
+    """The graph dynamo hands a backend, with its example values (symbolic sizes with ``dynamic``)."""
     seen = []
     torch._dynamo.reset()
-    torch.compile(module, backend=lambda gm, ex: seen.append(gm) or gm.forward)(*args)
+    torch.compile(module, backend=lambda gm, ex: seen.append(gm) or gm.forward, dynamic=dynamic or None)(*args)
     return seen[0]
 
 
@@ -186,10 +186,7 @@ def test_fused_ops_are_ones_aotautograds_cache_accepts(signal, dynamic):
     ``dynamic=True`` at a second token count too (the ops hold no size)."""
     from torch._functorch._aot_autograd.autograd_cache import check_node_safe
     args, prev = inputs(5, 8, torch.float32)
-    torch._dynamo.reset()
-    seen = []
-    torch.compile(JointBlock(), backend=lambda gm, ex: seen.append(gm) or gm.forward, dynamic=dynamic or None)(*args)
-    gm = seen[0]
+    gm = _dynamo_graph(JointBlock(), *args, dynamic=dynamic)
     ordered = _ordered(gm, args)
     hidden_in = next(p.name for p in gm.graph.find_nodes(op="placeholder") if p.target == "L_x_")
     if signal == "mid":
@@ -231,10 +228,7 @@ def test_a_function_whose_ops_hold_a_size_stays_one_call_under_symbolic_sizes():
     def per_token(t):
         return t.new_zeros(t.shape[1])
     args, _ = inputs(5, 8, torch.float32)
-    torch._dynamo.reset()
-    seen = []
-    torch.compile(JointBlock(), backend=lambda gm, ex: seen.append(gm) or gm.forward, dynamic=True)(*args)
-    gm = seen[0]
+    gm = _dynamo_graph(JointBlock(), *args, dynamic=True)
     x = next(p for p in gm.graph.find_nodes(op="placeholder") if p.target == "L_x_")
     out = next(iter(gm.graph.find_nodes(op="output")))
     with gm.graph.inserting_before(out):
