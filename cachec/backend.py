@@ -23,7 +23,7 @@ from .passes import NoBlockChain, find_block_chain, find_block_loops, find_graph
 from .passes.ulysses import shard_graph
 from .passes.calibrate import combination_graph
 from .passes.residuals import fuse_gate_signals, fuse_residuals
-from .passes.inputs import static_tensor
+from .passes.inputs import reads_back, static_tensor
 from .passes.share import no_subgraph_input_asserts, share_blocks
 from .plan import GateLayout, SplitPlan, forward_of
 from .runtime import CachedGraph, ModelState, calibrator_for, strategy_for, summarize
@@ -301,7 +301,7 @@ def _fold_constant_reads(gm: fx.GraphModule) -> None:
         val = node.meta.get("example_value", node.meta.get("val"))
         kind = {torch.SymFloat: float, torch.SymInt: int, torch.SymBool: bool}.get(type(val))
         if (kind is not None and not val.node.expr.free_symbols
-                and getattr(node.target, "__name__", node.target) in ("item", "_local_scalar_dense")):
+                and reads_back(node)):
             number = kind(val.node.expr)
             for user in list(node.users):
                 user.args = fx.node.map_arg(user.args, lambda a: number if a is node else a)

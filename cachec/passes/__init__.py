@@ -15,7 +15,7 @@ signals, as partial sums, compile into the Fn code) and ``fuse_residuals`` on
 each middle segment (the residuals a computed step stores, likewise). The
 conventions of what each compiled piece returns live in ``cachec.plan``.
 """
-from .inputs import GraphInputs, find_graph_inputs
+from .inputs import GraphInputs, find_graph_inputs, reads_back
 from .loops import Block, BlockLoop, find_block_loops
 from .chain import BlockChain, find_block_chain, NoBlockChain
 from ..plan import Segment, SplitPlan
@@ -47,7 +47,7 @@ def plan_graph(gm, Fn: int, Bn: int, granularity: str = "stretch", signal: str =
     loops = find_block_loops(gm)
     chain = find_block_chain(gm, loops, inputs)
     if granularity in ("attention", "heads") and any(
-            getattr(n.target, "__name__", n.target) in ("item", "_local_scalar_dense") for n in gm.graph.nodes):
+            reads_back(n) for n in gm.graph.nodes):
         raise NoBlockChain(
             "this graph reads Python numbers back from tensors (with dynamic=True dynamo hands norm eps over as "
             "tensors read with .item()), and attention regions cannot be cut around those reads; "

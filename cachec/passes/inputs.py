@@ -98,10 +98,14 @@ def find_graph_inputs(gm: fx.GraphModule) -> GraphInputs:
     return gi
 
 
-def reads_scalar(node: fx.Node) -> bool:
+def reads_back(node: fx.Node) -> bool:
     """Whether ``node`` reads a Python number back from a tensor (``.item()``; ``dynamic=True`` hands
-    norm eps and RoPE theta over as tensors read this way) or makes a symbolic number. A compiled
-    segment may take such a value as an input (a symbol), but not make it and use it inside."""
-    target = getattr(node.target, "__name__", str(node.target))
-    return target in ("item", "_local_scalar_dense") or isinstance(
-        example_value(node), (torch.SymInt, torch.SymFloat, torch.SymBool))
+    norm eps and RoPE theta over as tensors read this way)."""
+    return getattr(node.target, "__name__", str(node.target)) in ("item", "_local_scalar_dense")
+
+
+def reads_scalar(node: fx.Node) -> bool:
+    """Whether ``node`` reads a Python number back from a tensor (``reads_back``) or makes a
+    symbolic number. A compiled segment may take such a value as an input (a symbol), but not
+    make it and use it inside."""
+    return reads_back(node) or isinstance(example_value(node), (torch.SymInt, torch.SymFloat, torch.SymBool))
